@@ -98,6 +98,9 @@ def _load_local(path: str, eval_file: str | None):
     try:
         loaded = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=files, **extra)
     except Exception as err:  # the parsers raise many different types; all mean "not this format"
+        if "corresponds to no data" in str(err):  # datasets' way of saying a file has a header and no rows
+            raise DataError(f"a split is empty: {sorted(files.values())} holds no rows; "
+                            "give a file with labelled rows") from None
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"could not parse {sorted(files.values())} as {suffix[1:]}: {first_line}") from None
     return loaded["train"], loaded.get("eval")
@@ -403,6 +406,9 @@ def build_dataloader(tokenized, pad_token_id: int, batch_size: int, *, train: bo
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        # Each new iterator draws a seed from this generator. Left to the global RNG, that draw would
+        # shift the dropout masks whenever an iterator is created at a different moment (as on resume).
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -9,12 +9,17 @@ What LoRA trains here: low-rank updates on the chosen linear layers, plus, in fu
 pretrained checkpoint did not contain (the new classification head: BERT's ``classifier``,
 DistilBERT's ``pre_classifier`` + ``classifier``, GPT-2's ``score`` ...). Those are found from the
 loading report instead of a hand-kept list, so a new architecture cannot silently ship a random head.
+
+Variants: DoRA and rsLoRA are ``LoraConfig`` flags; QLoRA (``load_in_4bit``) loads the frozen base in
+4-bit through bitsandbytes on a CUDA GPU and trains the same adapter on top; ``merge_and_save`` folds
+the adapter into the base for a standalone transformers model.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -87,15 +92,73 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_base_model(name: str, label_names: list[str], pad_token_id: int, dtype=None):
+@contextmanager
+def _quiet_loading():
+    """Silence transformers' load report while loading a base model for classification.
+
+    The report lists the head as "newly initialized", which is expected here: ``load_base_model``
+    finds those modules itself, and ``load_adapter`` fills them from the saved adapter right after.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+# The classification heads of the supported families (BERT/RoBERTa ``classifier``, DistilBERT
+# ``pre_classifier`` + ``classifier``, GPT-2/Llama ``score``). QLoRA keeps them out of 4-bit: they are
+# trained in full, and a 4-bit layer cannot be.
+HEAD_MODULE_NAMES = ["classifier", "pre_classifier", "score"]
+
+
+def check_4bit_support() -> None:
+    """Raise a ModelSetupError naming what is missing when QLoRA cannot run on this machine."""
+    if not torch.cuda.is_available():
+        raise ModelSetupError(
+            "QLoRA (4-bit base, --load_in_4bit) needs a CUDA GPU and this machine has none; run it on a CUDA "
+            "machine, or drop --load_in_4bit to train LoRA on the full-precision base"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelSetupError(
+            "QLoRA (4-bit base, --load_in_4bit) needs the bitsandbytes package, which is not installed; "
+            "`pip install bitsandbytes`, or drop --load_in_4bit"
+        )
+
+
+def quantization_options(dtype=None) -> dict:
+    """``from_pretrained`` options for a QLoRA base: NF4 weights with double quantization, bf16 compute.
+
+    NF4 ("4-bit NormalFloat") spaces its 16 levels for normally distributed weights; double
+    quantization also quantizes the per-block scales (about 0.4 bit per weight saved). Each process
+    loads its copy straight onto its own GPU: bitsandbytes weights cannot be moved afterwards.
+    """
+    from accelerate import PartialState
+    from transformers import BitsAndBytesConfig
+
+    return dict(
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=HEAD_MODULE_NAMES),
+        dtype=dtype or torch.bfloat16,  # the layers that stay unquantized (norms, embeddings)
+        device_map={"": PartialState().local_process_index},
+    )
+
+
+def load_base_model(name: str, label_names: list[str], pad_token_id: int, dtype=None, load_in_4bit: bool = False):
     """Load the pretrained model with a fresh classification head for ``label_names``.
 
     Returns ``(model, new_modules)``: the names of the modules whose weights the checkpoint lacked
-    (the head), which must be trained and saved in full alongside the adapter.
+    (the head), which must be trained and saved in full alongside the adapter. ``load_in_4bit=True``
+    loads the base for QLoRA (CUDA + bitsandbytes; see ``quantization_options``).
     """
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
+    if load_in_4bit:
+        check_4bit_support()  # before the slow load, so a CPU machine fails at once
     path, gguf_file = resolve_model(name)
     kwargs = dict(
         num_labels=len(label_names),
@@ -107,43 +170,72 @@ def load_base_model(name: str, label_names: list[str], pad_token_id: int, dtype=
         kwargs["gguf_file"] = gguf_file
     if dtype is not None:
         kwargs["dtype"] = dtype
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected: we handle it below
+    if load_in_4bit:
+        kwargs.update(quantization_options(dtype))
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        with _quiet_loading():
+            model, info = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except Exception as err:
         raise _load_error(name, err) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     # Decoder classifiers pool the last non-pad token, found by comparing ids with pad_token_id.
     model.config.pad_token_id = pad_token_id
-    new_modules = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"] if "." in key})
-    # Keep only the outermost new modules ("classifier", not also "classifier.dense").
-    new_modules = [m for m in new_modules if not any(m.startswith(p + ".") for p in new_modules if p != m)]
+    new_modules = new_module_names(model, info["missing_keys"])
+    if load_in_4bit:
+        unknown = [m for m in new_modules if m.rsplit(".", 1)[-1] not in HEAD_MODULE_NAMES]
+        if unknown:
+            raise ModelSetupError(f"new head module(s) {unknown} of this {model.config.model_type} model were "
+                                  "quantized to 4-bit and cannot be trained; add their names to "
+                                  "lora_setup.HEAD_MODULE_NAMES")
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the base, upcasts the unquantized layers to fp32 for stable training, and turns on
+        # gradient checkpointing (recompute activations in the backward pass: QLoRA is for tight memory).
+        model = prepare_model_for_kbit_training(model)
     return model, new_modules
 
 
-def linear_layer_names(model) -> list[str]:
-    """The leaf names (``query``, ``c_attn`` ...) of the layers LoRA can adapt."""
+def new_module_names(model, missing_keys) -> list[str]:
+    """The outermost modules whose parameters are *all* missing from the checkpoint: the new head.
+
+    Outermost matters: RoBERTa's head is one module ``classifier`` holding ``dense`` and ``out_proj``.
+    Listing the two children in ``modules_to_save`` instead breaks PEFT (the nested names are neither
+    trained through the wrapper nor reloadable), while the parent wraps, trains and saves cleanly.
+    """
+    missing = set(missing_keys)
+    new = []
+    for name, module in model.named_modules():  # parents come before their children
+        params = [f"{name}.{p}" for p, _ in module.named_parameters()]
+        if name and params and missing.issuperset(params) and not any(name.startswith(n + ".") for n in new):
+            new.append(name)
+    return sorted(new)
+
+
+def _inside(name: str, modules: list[str]) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
+def linear_layer_names(model, exclude: list[str] = ()) -> list[str]:
+    """The leaf names (``query``, ``c_attn`` ...) of the layers LoRA can adapt, outside ``exclude``."""
     from transformers.pytorch_utils import Conv1D
 
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, (torch.nn.Linear, Conv1D))})
+                   if isinstance(module, (torch.nn.Linear, Conv1D)) and not _inside(name, exclude)})
 
 
-def target_modules_for(model, requested: list[str] | None, head_modules: list[str]):
+def target_modules_for(model, requested: list[str] | None, head_modules: list[str]) -> str:
     """Turn ``--target_modules`` into what ``LoraConfig`` takes, checking that every name matches a layer.
 
-    The names become one regular expression over full module paths that skips the head modules: the
-    head is trained in full, and a LoRA on a randomly initialised layer (RoBERTa's ``classifier.dense``
-    also ends in ``dense``) would learn a low-rank patch on noise.
+    ``None`` means the architecture's default (every linear layer for an unknown one); ``all-linear``
+    means every linear layer outside the head. Either way the names become one regular expression over
+    full module paths that skips the head modules: the head is trained in full, and a LoRA on a randomly
+    initialised layer (RoBERTa's ``classifier.dense`` also ends in ``dense``) would learn a low-rank
+    patch on noise. Spelling ``all-linear`` out the same way keeps one rule for every case.
     """
-    if requested in (["all-linear"], "all-linear"):
-        return "all-linear"
-    names = requested or DEFAULT_TARGET_MODULES.get(model.config.model_type)
-    if names is None:
-        return "all-linear"
-    available = linear_layer_names(model)
+    available = linear_layer_names(model, exclude=head_modules)
+    if requested and "all-linear" in requested:
+        names = available
+    else:
+        names = requested or DEFAULT_TARGET_MODULES.get(model.config.model_type, available)
     unknown = [n for n in names if n not in available]
     if unknown:
         raise ModelSetupError(
@@ -199,8 +291,21 @@ def save_adapter(model, tokenizer, output_dir: str | Path) -> None:
     model.base_model.model.config.save_pretrained(output_dir)
 
 
+def _gguf_file_in(folder: str | Path) -> str | None:
+    """The embedded GGUF checkpoint inside ``folder``, if any: reloading that base needs ``gguf_file=``."""
+    names = [gguf for _, _, gguf in EMBEDDED_MODELS.values() if gguf]
+    return next((name for name in names if (Path(folder) / name).is_file()), None)
+
+
 def load_adapter(adapter_dir: str | Path, device: str | torch.device = "cpu"):
-    """Reload a saved adapter with plain PEFT; returns ``(model, tokenizer)`` in eval mode."""
+    """Reload a saved adapter with plain PEFT; returns ``(model, tokenizer)`` in eval mode.
+
+    The base model is rebuilt with the saved config's head size, label names and pad id (a GPT-2
+    style decoder cannot pool its last token without the pad id), then PEFT loads the adapter and
+    the trained head over it.
+    """
+    import json
+
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoConfig, AutoTokenizer
 
@@ -208,16 +313,28 @@ def load_adapter(adapter_dir: str | Path, device: str | torch.device = "cpu"):
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelSetupError(f"'{adapter_dir}' holds no saved adapter (adapter_config.json); pass a training output dir")
     config = AutoConfig.from_pretrained(adapter_dir)
-    model = AutoPeftModelForSequenceClassification.from_pretrained(
-        adapter_dir, num_labels=config.num_labels, id2label=config.id2label, label2id=config.label2id,
-        pad_token_id=config.pad_token_id,
-    )
+    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    gguf_file = _gguf_file_in(base)
+    with _quiet_loading():
+        model = AutoPeftModelForSequenceClassification.from_pretrained(
+            adapter_dir, num_labels=config.num_labels, id2label=config.id2label, label2id=config.label2id,
+            pad_token_id=config.pad_token_id, **({"gguf_file": gguf_file} if gguf_file else {}),
+        )
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     return model.to(device).eval(), tokenizer
 
 
 def merge_and_save(model, tokenizer, output_dir: str | Path) -> None:
-    """Fold the LoRA update into the base weights and save a plain transformers model (no PEFT needed)."""
+    """Fold the LoRA update into the base weights and save a plain transformers model (no PEFT needed).
+
+    ``W + (alpha / r) * B @ A`` becomes the new ``W``; the trained head replaces the original one. The
+    LoRA layers are removed from ``model`` in place, so call this last.
+    """
+    if getattr(model.get_base_model(), "hf_quantizer", None) is not None:
+        raise ModelSetupError(
+            "cannot merge into a 4-bit (QLoRA) base: the merged weights would be rounded to 4 bits; reload the "
+            "saved adapter on the full-precision base with lora_setup.load_adapter(output_dir) and merge that"
+        )
     merged = model.merge_and_unload()
     merged.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)

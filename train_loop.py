@@ -470,7 +470,12 @@ def build_accelerator(cfg: TrainConfig):
             import tensorboard  # noqa: F401
         except ImportError:
             raise ConfigError("--report_to tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return Accelerator(mixed_precision=precision, log_with=cfg.report_to, project_dir=cfg.output_dir,
+    # Started by torchrun / `accelerate launch --multi_gpu` on a machine without CUDA, Accelerate only
+    # forms a process group (gloo, MULTI_CPU) when told to run on the CPU; otherwise every process
+    # would silently train alone.
+    several_cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=several_cpu_processes, mixed_precision=precision, log_with=cfg.report_to,
+                       project_dir=cfg.output_dir,
                        dynamo_backend=DynamoBackend.INDUCTOR if cfg.compile else DynamoBackend.NO)
 
 
@@ -486,7 +491,8 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     identity = {k: getattr(cfg, k) for k in RESUME_IDENTITY}
-    check_output_dir(cfg)  # on every process, so all of them stop together on a refusal
+    check_output_dir(cfg)  # on every process, so all of them stop together on a refusal ...
+    accelerator.wait_for_everyone()  # ... and before any of them writes there
     if accelerator.is_main_process:
         if cfg.overwrite and output_dir.exists():
             shutil.rmtree(output_dir)

@@ -1,0 +1,571 @@
+"""Speed benchmark: our training loop against ``transformers.Trainer`` on the same job, side by side.
+
+    python bench/bench_speed.py                      # Rotten Tomatoes, MiniLM, batch 32, max_length 128, 150 steps
+    python bench/bench_speed.py --dataset embedded:imdb --max_length 512 --batch_size 16 --max_steps 25 \\
+        --max_eval_samples 500
+    python bench/bench_speed.py --arms a d           # only some of the runs
+
+Runs, one after the other in this one process, on identical data (one load, one split, one
+tokenization), the identical model + LoRA config, batch size, max_length, optimizer hyperparameters
+and number of optimizer steps:
+
+  (a) our loop, best settings: length-grouped batches (``train_loop``'s default)
+  (b) our loop, plain random batches (``--no-group_by_length``)
+  (c) ``transformers.Trainer`` with its defaults (random batches, ``DataCollatorWithPadding``)
+  (d) ``Trainer`` with ``train_sampling_strategy="group_by_length"`` (the old ``group_by_length=True``)
+  plus TF-IDF (1-2 grams, sublinear tf) + logistic regression on the same split, for accuracy context.
+
+Every flag of ``train_loop.py`` is accepted and means the same (``--dataset``, ``--max_length``,
+``--batch_size``, ``--max_steps``, ``--max_eval_samples``, ``--learning_rate``, ``--lora_r`` ...); the
+bench adds ``--arms``, ``--output`` and ``--threads``. ``--max_steps`` defaults to 150 here.
+
+What is timed, identically for every run (see ``Meter``): from the start of the training loop (before
+the first batch is fetched) to the end of the last optimizer step, so data loading, collation,
+forward, backward, clipping, optimizer and scheduler steps and each loop's own bookkeeping all count.
+Model loading, tokenization and evaluation do not (the "wall" column adds the setup: model load,
+LoRA, loaders, optimizer, Trainer construction). One warm-up run of two steps, not timed, goes first
+so no run pays for the process's first-call costs. All runs share ``torch.get_num_threads()``, the
+precision, the evaluation code (``eval.evaluate`` on the same length-sorted eval loader) and the seed
+of the model's new weights. Runs (b) and (c) even train on the very same batches: Accelerate seeds the
+Trainer's random sampler exactly as our sampler seeds its shuffle (``randperm`` from seed + epoch), so
+(b) against (c) isolates the loop itself, and (a) against (b) what length grouping buys.
+Trainer is used only here, as the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import gc
+import json
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: data, train_loop ...
+
+import data  # noqa: E402
+import eval as evaluation  # noqa: E402
+import lora_setup  # noqa: E402
+import train_loop  # noqa: E402
+
+DEFAULT_MAX_STEPS = 150
+ARMS = {
+    "a": "our loop, length-grouped",
+    "b": "our loop, random batches",
+    "c": "Trainer, defaults",
+    "d": "Trainer, group_by_length",
+    "tfidf": "TF-IDF + logistic regression",
+}
+TRAINED_ARMS = ("a", "b", "c", "d")
+REFERENCE_ARMS = ("c", "d")  # the ratio columns divide by these runs' samples/s
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring a training window
+# ----------------------------------------------------------------------------------------------
+
+
+class Meter:
+    """Times one run's training loop and counts what it computed, the same way for every run.
+
+    ``start()`` is called just before the loop fetches its first batch, ``step()`` after each optimizer
+    step (for the Trainer, from its ``on_train_begin`` / ``on_step_end`` callbacks). Everything else is
+    observed through hooks that any loop triggers, so no loop is instrumented differently:
+
+    * a forward pre-hook and hook on the model count, for every training forward pass, the samples and
+      the real (attention-mask) and padded token slots, and time the forward pass;
+    * global optimizer step pre/post hooks time ``optimizer.step()``; the time from the end of the last
+      forward to the optimizer step is backward (+ loss bookkeeping and gradient clipping);
+    * what is left, data fetching and collation, scheduler, ``zero_grad`` and the loop's own bookkeeping,
+      is "data + other".
+
+    Peak memory is sampled inside the window only: process RSS by a background thread on CPU,
+    ``torch.cuda.max_memory_allocated`` on GPU. (On GPU the split between phases is approximate, as
+    kernels run asynchronously; the total is exact, since every step ends with a synchronization.)
+    """
+
+    PHASES = ("forward", "backward", "optimizer")
+
+    def __init__(self, model, sample_every_s: float = 0.02):
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        self.sample_every_s = sample_every_s
+        self.samples = self.padded_tokens = self.steps = 0
+        self.real_tokens = []  # per-batch 0-d tensors, summed at the end: no device sync per step
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self.started = self.last_step = self._forward_started = self._forward_ended = self._optimizer_started = None
+        self.peak_rss = 0
+        self.extra = {}  # run-specific figures to report alongside
+        self._running = threading.Event()
+        self._sampler = None
+        self._hooks = [model.register_forward_pre_hook(self._forward_start, with_kwargs=True),
+                       model.register_forward_hook(self._forward_end),
+                       register_optimizer_step_pre_hook(self._optimizer_start),
+                       register_optimizer_step_post_hook(self._optimizer_end)]
+
+    def _active(self, module=None) -> bool:
+        return self.started is not None and (module is None or module.training)
+
+    def _forward_start(self, module, args, kwargs):
+        if not self._active(module):
+            return
+        now = time.perf_counter()
+        if self._forward_ended is not None:  # an earlier micro-batch of this window: its backward ran since
+            self.seconds["backward"] += now - self._forward_ended
+            self._forward_ended = None
+        self._forward_started = now
+        mask = kwargs["attention_mask"]
+        self.samples += mask.shape[0]
+        self.padded_tokens += mask.numel()
+        self.real_tokens.append(mask.sum())
+
+    def _forward_end(self, module, args, output):
+        if self._active(module) and self._forward_started is not None:
+            self._forward_ended = time.perf_counter()
+            self.seconds["forward"] += self._forward_ended - self._forward_started
+            self._forward_started = None
+
+    def _optimizer_start(self, optimizer, args, kwargs):
+        if self._active() and self._forward_ended is not None:
+            self._optimizer_started = time.perf_counter()
+            self.seconds["backward"] += self._optimizer_started - self._forward_ended
+            self._forward_ended = None
+
+    def _optimizer_end(self, optimizer, args, kwargs):
+        if self._active() and self._optimizer_started is not None:
+            self.seconds["optimizer"] += time.perf_counter() - self._optimizer_started
+            self._optimizer_started = None
+
+    def _sample_rss(self):
+        import psutil
+
+        process = psutil.Process()
+        while self._running.is_set():
+            self.peak_rss = max(self.peak_rss, process.memory_info().rss)
+            time.sleep(self.sample_every_s)
+
+    def start(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._running.set()
+        self._sampler = threading.Thread(target=self._sample_rss, daemon=True)
+        self._sampler.start()
+        self.started = time.perf_counter()
+
+    def step(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # GPU kernels run ahead of Python: count a step when it is done
+        self.steps += 1
+        self.last_step = time.perf_counter()
+
+    def stop(self) -> dict:
+        """Close the window; returns the run's throughput, token, time-split and memory figures."""
+        self._running.clear()
+        self._sampler.join()
+        for hook in self._hooks:
+            hook.remove()
+        seconds = self.last_step - self.started
+        self.real_tokens = [t.item() for t in self.real_tokens]
+        real = sum(self.real_tokens)
+        per_step_ms = {f"{k}_ms_per_step": 1000 * v / self.steps for k, v in self.seconds.items()}
+        per_step_ms["data_and_other_ms_per_step"] = 1000 * (seconds - sum(self.seconds.values())) / self.steps
+        result = {
+            "optimizer_steps": self.steps, "samples": self.samples, "train_seconds": seconds,
+            "samples_per_s": self.samples / seconds, "real_tokens_per_s": real / seconds,
+            "real_token_share": real / max(self.padded_tokens, 1), **per_step_ms,
+            "peak_rss_mb": self.peak_rss / 2**20,
+            # a fingerprint of the data order: two runs with equal lists trained on the same batches
+            "real_tokens_per_batch": [int(t) for t in self.real_tokens],
+        }
+        if torch.cuda.is_available():
+            result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return {**result, **self.extra}
+
+
+def release_memory() -> None:
+    """Free the previous run's tensors and hand the freed heap back to the OS, so that every run's
+    peak RSS starts from the same floor instead of inheriting the earlier runs' leftovers."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed memory otherwise
+    except (OSError, AttributeError):
+        pass  # not glibc: RSS then includes some of the earlier runs' freed memory
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared inputs: data tokenized once, the model built the same way for every run
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Job:
+    """What every run shares: the config, tokenizer, splits tokenized once, and the eval loader."""
+
+    cfg: train_loop.TrainConfig
+    accelerator: object
+    tokenizer: object
+    splits: data.LabelledSplits
+    train_tokens: object  # datasets.Dataset with input_ids, labels
+    eval_loader: object
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.accelerator.device.type == "cuda"
+
+    def loader_options(self) -> dict:
+        # The same choices as train_loop.train(): aligned widths, workers and pinned memory on GPU only.
+        return dict(pad_to_multiple_of=8 if self.on_gpu else None, num_workers=(
+            self.cfg.num_workers if self.cfg.num_workers is not None else (2 if self.on_gpu else 0)),
+            pin_memory=self.on_gpu)
+
+
+def prepare_job(cfg: train_loop.TrainConfig) -> Job:
+    accelerator = train_loop.build_accelerator(cfg)
+    tokenizer = lora_setup.load_tokenizer(cfg.model)
+    splits = data.load_splits(
+        cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column, eval_file=cfg.eval_file,
+        dataset_config=cfg.dataset_config, eval_split=cfg.eval_split, eval_size=cfg.eval_size,
+        num_labels=cfg.num_labels, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
+        max_eval_samples=cfg.max_eval_samples, drop_empty_texts=cfg.drop_empty_texts)
+    job = Job(cfg, accelerator, tokenizer, splits, data.tokenize(splits.train, tokenizer, cfg.max_length), None)
+    eval_loader = data.build_dataloader(data.tokenize(splits.eval, tokenizer, cfg.max_length), tokenizer.pad_token_id,
+                                        cfg.eval_batch_size, train=False, **job.loader_options())
+    job.eval_loader = accelerator.prepare_data_loader(eval_loader)
+    return job
+
+
+def build_model(job: Job):
+    """Pretrained model + new head + LoRA, exactly as train_loop.train() builds it. Seeding right before
+    makes the head's and the LoRA A matrices' initial values identical in every run."""
+    from accelerate.utils import set_seed
+
+    cfg = job.cfg
+    set_seed(cfg.seed)
+    model, head_modules = lora_setup.load_base_model(cfg.model, job.splits.label_names, job.tokenizer.pad_token_id)
+    lora_config = lora_setup.build_lora_config(
+        model, head_modules, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save, bias=cfg.lora_bias,
+        use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
+    return lora_setup.apply_lora(model, lora_config)
+
+
+def warmup_steps(cfg: train_loop.TrainConfig, max_steps: int) -> int:
+    """Warmup in optimizer steps, rounded up, as train_loop.train() computes it."""
+    return math.ceil(cfg.warmup_ratio * max_steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The runs
+# ----------------------------------------------------------------------------------------------
+
+
+def run_our_loop(job: Job, group_by_length: bool, max_steps: int | None = None):
+    """Runs (a)/(b): train_loop's own data loader, optimizer, schedule and ``train_step``.
+
+    This is train_loop.train()'s loop without what the Trainer runs here do not do either: no
+    evaluation, checkpoints or progress bar inside the timed window. Returns ``(model, meter)``.
+    """
+    cfg, accelerator = job.cfg, job.accelerator
+    max_steps = max_steps or cfg.max_steps
+    loader = data.build_dataloader(job.train_tokens, job.tokenizer.pad_token_id, cfg.batch_size, train=True,
+                                   group_by_length=group_by_length, seed=cfg.seed, **job.loader_options())
+    model = build_model(job)
+    optimizer = train_loop.build_optimizer(model, cfg.learning_rate, cfg.weight_decay, fused=job.on_gpu)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    scheduler = train_loop.build_scheduler(optimizer, cfg.lr_scheduler, warmup_steps(cfg, max_steps), max_steps)
+    model.train()
+    meter = Meter(model)
+    meter.start()
+    epoch = 0
+    while meter.steps < max_steps:
+        loader.set_epoch(epoch)
+        for window in train_loop.accumulation_windows(loader, cfg.gradient_accumulation_steps):
+            train_loop.train_step(model, optimizer, scheduler, window, accelerator, cfg.max_grad_norm)
+            meter.step()
+            if meter.steps == max_steps:
+                break
+        epoch += 1
+    return model, meter
+
+
+def trainer_arguments(job: Job, group_by_length: bool, output_dir: str):
+    """TrainingArguments with the Trainer's defaults except what must match our runs: batch size,
+    steps, LR, schedule, warmup, weight decay, clipping, precision, seed and the sampler under test.
+    Checkpoint saving, reporting and the progress bar are off (our runs do none of them while timed)."""
+    from transformers import TrainingArguments
+
+    cfg = job.cfg
+    schedules = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=schedules[cfg.lr_scheduler],
+        warmup_steps=warmup_steps(cfg, cfg.max_steps),
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=job.accelerator.mixed_precision == "bf16",
+        fp16=job.accelerator.mixed_precision == "fp16",
+        seed=cfg.seed,
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+
+
+def run_trainer(job: Job, group_by_length: bool):
+    """Runs (c)/(d): the same model, data and hyperparameters through ``transformers.Trainer``."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
+
+    model = build_model(job)
+    meter = Meter(model)
+
+    class MeterCallback(TrainerCallback):
+        """The Trainer's own events bound the timed window: loop start, end of each optimizer step."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            meter.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            meter.step()
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = Trainer(model=model, args=trainer_arguments(job, group_by_length, output_dir),
+                          train_dataset=job.train_tokens, processing_class=job.tokenizer,
+                          data_collator=DataCollatorWithPadding(job.tokenizer), callbacks=[MeterCallback()])
+        output = trainer.train()
+    meter.extra["trainer_reported_runtime_s"] = output.metrics.get("train_runtime")  # its own clock, to cross-check
+    model = trainer.model
+    del trainer
+    return model, meter
+
+
+def run_tfidf(job: Job) -> dict:
+    """TF-IDF (1-2 grams, sublinear tf) + logistic regression on the same train/eval split."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    started = time.perf_counter()
+    pipeline = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LogisticRegression(max_iter=1000))
+    pipeline.fit(job.splits.train["text"], job.splits.train["label"])
+    predictions = pipeline.predict(job.splits.eval["text"])
+    seconds = time.perf_counter() - started
+    metrics = evaluation.compute_metrics(job.splits.eval["label"], predictions, job.splits.label_names)
+    return {"arm": "tfidf", "name": ARMS["tfidf"], "wall_seconds": seconds,
+            "accuracy": metrics["accuracy"], "f1": metrics["f1"]}
+
+
+def collate_ms_per_batch(job: Job, num_batches: int = 50) -> dict:
+    """Milliseconds to pad one batch: our ``data.collate`` against the Trainer's default
+    ``DataCollatorWithPadding``, on the same length-grouped batches of examples."""
+    from transformers import DataCollatorWithPadding
+
+    lengths = [len(ids) for ids in job.train_tokens["input_ids"]]
+    order = list(data.LengthGroupedSampler(lengths, job.cfg.batch_size, seed=job.cfg.seed))
+    size = job.cfg.batch_size
+    batches = [job.train_tokens.__getitems__(order[i:i + size]) for i in range(0, min(len(order), num_batches * size), size)]
+    collators = {"ours": data.Collator(job.tokenizer.pad_token_id),
+                 "DataCollatorWithPadding": DataCollatorWithPadding(job.tokenizer)}
+    costs = {}
+    for name, collator in collators.items():
+        started = time.perf_counter()
+        for examples in batches:
+            collator(examples)
+        costs[name] = 1000 * (time.perf_counter() - started) / len(batches)
+    return costs
+
+
+def run_arm(job: Job, arm: str) -> dict:
+    """One run: train (timed window inside), then evaluate outside it with the shared eval code."""
+    if arm == "tfidf":
+        return run_tfidf(job)
+    release_memory()
+    started = time.perf_counter()
+    if arm in ("a", "b"):
+        model, meter = run_our_loop(job, group_by_length=arm == "a")
+    else:
+        model, meter = run_trainer(job, group_by_length=arm == "d")
+    wall = time.perf_counter() - started
+    figures = meter.stop()  # before evaluating: its memory and forwards are not the training run's
+    metrics = evaluation.evaluate(model, job.eval_loader, job.accelerator, job.splits.label_names)
+    row = {"arm": arm, "name": ARMS[arm], **figures, "wall_seconds": wall,
+           "accuracy": metrics["accuracy"], "f1": metrics["f1"], "eval_loss": metrics["loss"]}
+    job.accelerator.free_memory()  # drops the accelerator's references to this run's model and optimizer
+    return row
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Each trained run's samples/s divided by that of (c) and of (d), when those ran."""
+    speed = {r["arm"]: r["samples_per_s"] for r in rows if "samples_per_s" in r}
+    for row in rows:
+        for reference in REFERENCE_ARMS:
+            if "samples_per_s" in row and reference in speed:
+                row[f"vs_{reference}"] = row["samples_per_s"] / speed[reference]
+    return rows
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median samples/s stands for its arm; every run's speed and accuracy stay listed."""
+    if len(runs) == 1:
+        return runs[0]
+    row = dict(sorted(runs, key=lambda r: r["samples_per_s"])[len(runs) // 2])
+    row["repeats"] = [{k: r[k] for k in ("samples_per_s", "train_seconds", "accuracy", "f1")} for r in runs]
+    return row
+
+
+def run_benchmark(cfg: train_loop.TrainConfig, arms=tuple(ARMS), warmup: int = 2,
+                  repeats: int = 1) -> tuple[list[dict], dict]:
+    """Run the chosen arms on one shared job; returns ``(rows, meta)`` for ``format_table``.
+
+    With ``repeats`` > 1 the arms run round-robin (a b c d a b c d ...), so a change in the machine's
+    background load hits every arm alike, and each arm reports its median-speed run.
+    """
+    job = prepare_job(cfg)
+    load_before = os.getloadavg()
+    if warmup and any(a in TRAINED_ARMS for a in arms):
+        model, meter = run_our_loop(job, group_by_length=True, max_steps=warmup)  # first-call costs, untimed
+        meter.stop()
+        del model
+        job.accelerator.free_memory()
+    runs = {arm: [] for arm in arms}
+    for repeat in range(repeats):
+        for arm in arms:
+            if arm in TRAINED_ARMS or repeat == 0:  # the TF-IDF baseline is deterministic and not timed
+                runs[arm].append(run_arm(job, arm))
+    rows = add_ratios([median_run(runs[arm]) for arm in arms])
+    collate_costs = collate_ms_per_batch(job)
+    import transformers
+
+    meta = {
+        "model": cfg.model, "dataset": cfg.dataset, "train_rows": len(job.splits.train),
+        "eval_rows": len(job.splits.eval), "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+        "max_steps": cfg.max_steps, "learning_rate": cfg.learning_rate, "warmup_steps": warmup_steps(cfg, cfg.max_steps),
+        "weight_decay": cfg.weight_decay, "lora": f"r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout}",
+        "device": torch.cuda.get_device_name() if job.on_gpu else f"cpu ({os.cpu_count()} cores)",
+        "threads": torch.get_num_threads(), "precision": job.accelerator.mixed_precision, "repeats": repeats,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "collate_ms_per_batch": {k: round(v, 2) for k, v in collate_costs.items()},
+    }
+    return rows, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+
+COLUMNS = [  # (header, row key, format)
+    ("run", "label", "{}"),
+    ("samples/s", "samples_per_s", "{:.1f}"),
+    ("real tokens/s", "real_tokens_per_s", "{:.0f}"),
+    ("real-token share", "real_token_share", "{:.1%}"),
+    ("peak memory (MB)", "peak_memory_mb", "{:.0f}"),
+    ("train s", "train_seconds", "{:.1f}"),
+    ("wall s", "wall_seconds", "{:.1f}"),
+    ("accuracy", "accuracy", "{:.2%}"),
+    ("F1", "f1", "{:.4f}"),
+    ("x (c)", "vs_c", "{:.2f}"),
+    ("x (d)", "vs_d", "{:.2f}"),
+]
+
+
+SPLIT_COLUMNS = [  # where the time of one optimizer step goes (see Meter)
+    ("run", "label", "{}"),
+    ("forward ms", "forward_ms_per_step", "{:.0f}"),
+    ("backward + clip ms", "backward_ms_per_step", "{:.0f}"),
+    ("optimizer ms", "optimizer_ms_per_step", "{:.1f}"),
+    ("data + other ms", "data_and_other_ms_per_step", "{:.1f}"),
+    ("step ms", "step_ms", "{:.0f}"),
+]
+
+
+def markdown_table(rows: list[dict], columns) -> list[str]:
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |",
+             "|" + "|".join("---" if k == "label" else "---:" for _, k, _ in columns) + "|"]
+    for row in rows:
+        cells = [fmt.format(row[key]) if row.get(key) is not None else "-" for _, key, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def format_table(rows: list[dict], meta: dict) -> str:
+    """Markdown: the settings the runs shared, the main table, and where each run's step time went."""
+    rows = [{**row, "label": f"({row['arm']}) {row['name']}" if row["arm"] != "tfidf" else row["name"],
+             "peak_memory_mb": row.get("peak_gpu_memory_mb", row.get("peak_rss_mb")),
+             "step_ms": 1000 * row["train_seconds"] / row["optimizer_steps"] if "optimizer_steps" in row else None}
+            for row in rows]
+    trained = [row for row in rows if "optimizer_steps" in row]
+    memory = "torch.cuda.max_memory_allocated" if any("peak_gpu_memory_mb" in r for r in rows) else "process RSS"
+    lines = ["Settings: " + ", ".join(f"{k} {v}" for k, v in meta.items()), ""]
+    lines += markdown_table(rows, COLUMNS)
+    lines += ["", f"samples/s and train s: the training loop only (first batch fetch to last optimizer step); "
+              f"wall s adds model load and setup. Peak memory: {memory} in that window. "
+              "x (c), x (d): samples/s relative to runs (c), (d)."]
+    if trained:
+        lines += ["", "Where the time of one optimizer step goes (mean ms per step):", ""]
+        lines += markdown_table(trained, SPLIT_COLUMNS)
+    return "\n".join(lines)
+
+
+def default_output(cfg: train_loop.TrainConfig) -> Path:
+    name = Path(cfg.dataset.replace(data.EMBEDDED_PREFIX, "")).stem
+    return Path("bench/results") / f"{name}_len{cfg.max_length}_bs{cfg.batch_size}_steps{cfg.max_steps}.md"
+
+
+def write_results(rows: list[dict], meta: dict, table: str, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(table + "\n")
+    output.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Every other flag is a train_loop.py flag with the same meaning (python train_loop.py --help): "
+               "--dataset, --max_length, --batch_size, --max_steps (default here: "
+               f"{DEFAULT_MAX_STEPS}), --max_eval_samples, --learning_rate, --lora_r ...")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="runs, in this order")
+    parser.add_argument("--output", type=Path, help="markdown table path; a .json with every figure goes beside it "
+                        "(default: bench/results/<dataset>_len<L>_bs<B>_steps<N>.md)")
+    parser.add_argument("--threads", type=int, help="torch threads for every run (default: torch's own choice)")
+    parser.add_argument("--repeats", type=int, default=1, help="run the arms round-robin this many times; each "
+                        "arm reports its median-speed run (guards against background load changing mid-run)")
+    parser.add_argument("--untimed_warmup_steps", type=int, default=2, help="untimed warm-up steps before the runs")
+    bench_args, train_flags = parser.parse_known_args(argv)
+    cfg = train_loop.parse_config(train_flags)
+    if cfg.max_steps is None:
+        cfg = dataclasses.replace(cfg, max_steps=DEFAULT_MAX_STEPS)
+    return bench_args, cfg
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    bench_args, cfg = parse_args(argv)
+    if bench_args.threads:
+        torch.set_num_threads(bench_args.threads)
+    rows, meta = run_benchmark(cfg, bench_args.arms, warmup=bench_args.untimed_warmup_steps,
+                               repeats=bench_args.repeats)
+    table = format_table(rows, meta)
+    print(table)
+    output = bench_args.output or default_output(cfg)
+    write_results(rows, meta, table, output)
+    print(f"\nwritten: {output} and {output.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""bench/bench_speed.py on a tiny model: every run trains the same number of steps on the same data,
+the table holds every figure the issue asks for, and the results are written."""
+
+import json
+
+import pytest
+import torch
+
+import train_loop
+from bench import bench_speed
+
+
+@pytest.fixture(scope="module")
+def tiny_benchmark(tiny_model_dir, tmp_path_factory):
+    from conftest import sentiment_rows, write_csv
+
+    csv_path = write_csv(tmp_path_factory.mktemp("bench") / "reviews.csv", sentiment_rows(200))
+    cfg = train_loop.TrainConfig(model=tiny_model_dir("bert"), dataset=str(csv_path), eval_size=40, batch_size=8,
+                                 max_length=32, max_steps=3, learning_rate=5e-3, lora_r=4, lora_alpha=8)
+    # One thread: a 16-wide model gains nothing from more, and on a busy machine OpenMP's waiting
+    # threads make its tiny steps several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield cfg, *bench_speed.run_benchmark(cfg, warmup=1)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_every_run_trains_the_same_steps_and_samples(tiny_benchmark):
+    cfg, rows, meta = tiny_benchmark
+    assert [r["arm"] for r in rows] == ["a", "b", "c", "d", "tfidf"]
+    trained = rows[:4]
+    for row in trained:
+        assert row["optimizer_steps"] == 3 and row["samples"] == 3 * cfg.batch_size, row["arm"]
+        assert row["samples_per_s"] > 0 and row["train_seconds"] <= row["wall_seconds"]
+        assert 0 < row["real_token_share"] <= 1 and row["peak_rss_mb"] > 0
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["f1"] <= 1
+        split = [row[f"{phase}_ms_per_step"] for phase in ("forward", "backward", "optimizer")]
+        assert all(ms > 0 for ms in split) and sum(split) < 1000 * row["train_seconds"] / 3
+    by_arm = {r["arm"]: r for r in rows}
+    assert by_arm["a"]["real_token_share"] > by_arm["b"]["real_token_share"]  # grouping removes padding
+    # Accelerate seeds the Trainer's random sampler exactly as our sampler seeds its shuffle, so (b) and
+    # (c) train on the very same batches: the only difference between them is the loop.
+    assert by_arm["b"]["real_tokens_per_batch"] == by_arm["c"]["real_tokens_per_batch"]
+    assert by_arm["c"]["vs_c"] == pytest.approx(1.0) and by_arm["d"]["vs_d"] == pytest.approx(1.0)
+    assert by_arm["a"]["vs_d"] == pytest.approx(by_arm["a"]["samples_per_s"] / by_arm["d"]["samples_per_s"])
+    assert "samples_per_s" not in by_arm["tfidf"] and by_arm["tfidf"]["accuracy"] > 0.5
+    assert meta["train_rows"] == 160 and meta["eval_rows"] == 40 and meta["max_steps"] == 3
+    assert set(meta["collate_ms_per_batch"]) == {"ours", "DataCollatorWithPadding"}
+
+
+def test_table_and_files(tiny_benchmark, tmp_path):
+    _, rows, meta = tiny_benchmark
+    table = bench_speed.format_table(rows, meta)
+    for header in ("samples/s", "real-token share", "peak memory (MB)", "wall s", "accuracy", "F1", "x (c)", "x (d)",
+                   "forward ms", "backward + clip ms", "data + other ms"):
+        assert header in table
+    body = [line for line in table.splitlines() if line.startswith("| (") or line.startswith("| TF-IDF")]
+    assert len(body) == 5 + 4  # the main table, then the time split of the four trained runs
+    assert body[4].startswith("| TF-IDF") and body[4].count(" - ") >= 5  # the baseline has no speed figures
+    output = tmp_path / "results" / "tiny.md"
+    bench_speed.write_results(rows, meta, table, output)
+    assert output.read_text().strip() == table
+    assert json.loads(output.with_suffix(".json").read_text())["rows"][0]["arm"] == "a"
+
+
+def test_median_run_keeps_every_repeat():
+    runs = [{"samples_per_s": s, "train_seconds": 1.0, "accuracy": 0.8, "f1": 0.8, "arm": "a"} for s in (3.0, 1.0, 2.0)]
+    row = bench_speed.median_run(runs)
+    assert row["samples_per_s"] == 2.0 and [r["samples_per_s"] for r in row["repeats"]] == [3.0, 1.0, 2.0]
+
+
+def test_arguments_pass_train_loop_flags_through():
+    args, cfg = bench_speed.parse_args(["--arms", "a", "d", "--dataset", "embedded:imdb", "--max_length", "512",
+                                        "--batch_size", "16", "--max_eval_samples", "500"])
+    assert args.arms == ["a", "d"] and cfg.max_steps == bench_speed.DEFAULT_MAX_STEPS
+    assert (cfg.dataset, cfg.max_length, cfg.batch_size, cfg.max_eval_samples) == ("embedded:imdb", 512, 16, 500)
+    assert bench_speed.default_output(cfg).name == "imdb_len512_bs16_steps150.md"
+    assert bench_speed.parse_args(["--max_steps", "20"])[1].max_steps == 20
+    with pytest.raises(train_loop.ConfigError):
+        bench_speed.parse_args(["--max_steps", "0"])

@@ -491,14 +491,7 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     identity = {k: getattr(cfg, k) for k in RESUME_IDENTITY}
-    check_output_dir(cfg)  # on every process, so all of them stop together on a refusal ...
-    accelerator.wait_for_everyone()  # ... and before any of them writes there
-    if accelerator.is_main_process:
-        if cfg.overwrite and output_dir.exists():
-            shutil.rmtree(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    accelerator.wait_for_everyone()
+    check_output_dir(cfg)  # on every process, so all of them stop together on a refusal
     on_gpu = accelerator.device.type == "cuda"
 
     # 2. Data -----------------------------------------------------------------------------------
@@ -531,6 +524,15 @@ def train(cfg: TrainConfig) -> dict:
     trainable, total = lora_setup.count_parameters(model)
     log(f"model: {cfg.model}; new modules trained in full: {head_modules}; trainable parameters "
         f"{trainable:,} of {total:,} ({100 * trainable / total:.2f} %)")
+
+    # Data and model are valid: only now claim the output dir, so a failed start leaves nothing there.
+    accelerator.wait_for_everyone()  # every process has checked the dir before anyone writes to it
+    if accelerator.is_main_process:
+        if cfg.overwrite and output_dir.exists():
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    accelerator.wait_for_everyone()
 
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, fused=on_gpu)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)

@@ -34,6 +34,7 @@ import shutil
 import sys
 import time
 import typing
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -479,6 +480,16 @@ def build_accelerator(cfg: TrainConfig):
                        dynamo_backend=DynamoBackend.INDUCTOR if cfg.compile else DynamoBackend.NO)
 
 
+def quiet_libraries() -> None:
+    """Keep the console for our own log: no per-library progress bars, no deprecation chatter."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run the whole job; returns the metrics also written to OUTPUT_DIR/metrics.json."""
     from accelerate.utils import set_seed
@@ -486,6 +497,7 @@ def train(cfg: TrainConfig) -> dict:
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
+    quiet_libraries()
     accelerator = build_accelerator(cfg)
     log = accelerator.print  # prints on the main process only
     set_seed(cfg.seed)

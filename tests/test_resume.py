@@ -116,3 +116,15 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_earlier_checkpoints(
     assert "loss is nan at optimizer step 5 (epoch 1)" in err and "Traceback" not in err
     assert [p.name for p in train_loop.list_checkpoints(out / "checkpoints")] == ["step_00000002", "step_00000004"]
     assert not (out / "metrics.json").exists()
+
+
+def test_checkpoints_every_n_steps_keep_the_last_k(tiny_model_dir, tiny_csv, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model_dir("bert"), tiny_csv, out, "--max_steps", "7", "--checkpoint_every", "2",
+                     "--keep_checkpoints", "2")
+    assert train_loop.main(args) == 0
+    kept = train_loop.list_checkpoints(out / "checkpoints")
+    assert [p.name for p in kept] == ["step_00000004", "step_00000006"]
+    state = json.loads((kept[-1] / "trainer_state.json").read_text())
+    assert (state["global_step"], state["epoch"], state["batches_in_epoch"]) == (6, 0, 6)
+    assert {"adapter.safetensors", "optimizer.bin", "random_states_0.pkl"} <= {p.name for p in kept[-1].iterdir()}

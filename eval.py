@@ -1,10 +1,12 @@
-"""Evaluation: run a classifier over a DataLoader, score it with scikit-learn, predict new texts.
+"""Evaluation: run a classifier over a DataLoader, score it with scikit-learn, predict new texts, and
+turn a run's metrics.json into report.md and PNG plots.
 
 Run on its own:
     python eval.py --adapter_dir outputs/run                       # evaluate on the run's own dataset
     python eval.py --adapter_dir outputs/run --dataset reviews.csv # ... or on another one
     python eval.py --adapter_dir outputs/run --predict "great film" "dull and long"
     python eval.py --adapter_dir outputs/run --predict_file texts.txt --output predictions.csv
+    python eval.py --adapter_dir outputs/run --report               # (re)write report.md and the plots
 """
 
 from __future__ import annotations
@@ -288,7 +290,8 @@ def plot_confusion_matrices(results: dict):
         counts = np.asarray(metrics["confusion_matrix"])
         share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
         image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-        ax.set_xticks(range(n), labels=names, rotation=45 if rotate else 0, ha="right" if rotate else "center")
+        ax.set_xticks(range(n), labels=names, rotation=45 if rotate else 0, ha="right" if rotate else "center",
+                      rotation_mode="anchor")
         ax.set_yticks(range(n), labels=names)
         ax.set(xlabel="predicted", ylabel="true", title=f"{title}\naccuracy {metrics['accuracy']:.3f}")
         for (row, col), count in np.ndenumerate(counts):
@@ -358,6 +361,8 @@ def _parse_args(argv):
     parser.add_argument("--output", help="write predictions to this .csv or .jsonl file (default: print)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_length", type=int, default=None, help="default: the run's own")
+    parser.add_argument("--report", action="store_true",
+                        help="write report.md and the PNG plots from the run's metrics.json, then stop")
     return parser.parse_args(argv)
 
 
@@ -370,6 +375,13 @@ def main(argv=None) -> int:
     args = _parse_args(argv)
     try:
         run_file = Path(args.adapter_dir) / "metrics.json"
+        if args.report:  # needs no model: everything comes from metrics.json
+            if not run_file.is_file():
+                raise FileNotFoundError(f"'{run_file}' does not exist; --report needs the output dir of a finished run")
+            results = json.loads(run_file.read_text())
+            plots = save_plots(args.adapter_dir, results)
+            print(f"wrote {write_report(args.adapter_dir, results)}" + "".join(f", {p}" for p in plots))
+            return 0
         run_config = json.loads(run_file.read_text())["config"] if run_file.is_file() else {}
         max_length = args.max_length or run_config.get("max_length", 256)
         accelerator = Accelerator()

@@ -88,6 +88,7 @@ class TrainConfig:
     lora_bias: str = _opt("none", "train biases: none | all | lora_only")
     use_dora: bool = _opt(False, "DoRA: weight-decomposed LoRA")
     use_rslora: bool = _opt(False, "rank-stabilised LoRA scaling (alpha/sqrt(r))")
+    load_in_4bit: bool = _opt(False, "QLoRA: load the frozen base in 4-bit NF4 through bitsandbytes (CUDA only)")
     # Optimisation
     num_epochs: int = _opt(2, "passes over the train split")
     max_steps: typing.Optional[int] = _opt(None, "stop after this many optimizer steps (overrides epochs)")
@@ -195,7 +196,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 # changed would silently train something else.
 RESUME_IDENTITY = ("model", "dataset", "dataset_config", "eval_file", "text_column", "label_column", "num_labels",
                    "max_length", "max_train_samples", "seed", "batch_size", "gradient_accumulation_steps",
-                   "lora_r", "lora_alpha", "target_modules", "modules_to_save", "lora_bias", "use_dora", "use_rslora")
+                   "lora_r", "lora_alpha", "target_modules", "modules_to_save", "lora_bias", "use_dora", "use_rslora",
+                   "load_in_4bit")
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
@@ -527,7 +529,8 @@ def train(cfg: TrainConfig) -> dict:
         train=False, **loader_options)
 
     # 3. Model + LoRA ---------------------------------------------------------------------------
-    model, head_modules = lora_setup.load_base_model(cfg.model, label_names, tokenizer.pad_token_id)
+    model, head_modules = lora_setup.load_base_model(cfg.model, label_names, tokenizer.pad_token_id,
+                                                     load_in_4bit=cfg.load_in_4bit)
     lora_config = lora_setup.build_lora_config(
         model, head_modules, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save, bias=cfg.lora_bias,
@@ -676,12 +679,16 @@ def train(cfg: TrainConfig) -> dict:
         unwrapped = accelerator.unwrap_model(model)
         lora_setup.save_adapter(unwrapped, tokenizer, output_dir)
         (output_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+        evaluation.save_plots(output_dir, results)  # first: the report links the PNGs it finds
+        evaluation.write_report(output_dir, results)
         if cfg.merge:
-            lora_setup.merge_and_save(unwrapped, tokenizer, output_dir / "merged")
+            # A 4-bit base would round the merged weights to 4 bits: merge on the full-precision base.
+            to_merge = lora_setup.load_adapter(output_dir)[0] if cfg.load_in_4bit else unwrapped
+            lora_setup.merge_and_save(to_merge, tokenizer, output_dir / "merged")
     log("\n" + evaluation.format_comparison(baseline, final, label_names))
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f} %); "
         f"training {state.train_seconds:.0f} s, {results['train_samples_per_s']:.1f} samples/s; "
-        f"adapter saved to {output_dir}")
+        f"adapter and report.md saved to {output_dir}")
     accelerator.end_training()
     return results
 

@@ -214,7 +214,8 @@ def test_rslora_scales_by_alpha_over_sqrt_r_and_reloads(family, tiny_model_dir, 
 
 def test_4bit_without_cuda_says_what_is_missing(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(lora_setup.ModelSetupError, match=r"needs a CUDA GPU and this machine has none.*drop --load_in_4bit"):
+    message = r"needs a CUDA GPU and this machine has none.*drop --load_in_4bit"
+    with pytest.raises(lora_setup.ModelSetupError, match=message):
         lora_setup.load_base_model(tiny_model_dir("bert"), LABELS, 0, load_in_4bit=True)
 
 
@@ -223,7 +224,8 @@ def test_4bit_without_bitsandbytes_says_how_to_install_it(tiny_model_dir, monkey
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "bitsandbytes" else find_spec(name, *args))
     with pytest.raises(lora_setup.ModelSetupError, match=r"needs the bitsandbytes package.*pip install bitsandbytes"):
         lora_setup.load_base_model(tiny_model_dir("bert"), LABELS, 0, load_in_4bit=True)
 

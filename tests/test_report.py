@@ -1,5 +1,6 @@
 """Metrics for 3+ classes, report.md, the PNG plots, and a 3-class local CSV end to end."""
 
+import dataclasses
 import json
 import struct
 import sys
@@ -22,12 +23,13 @@ def fake_results(label_names=NAMES, true=TRUE, before=BEFORE, after=AFTER) -> di
     """A results dict shaped exactly like train_loop.train()'s metrics.json, from real compute_metrics."""
     baseline = {**evaluation.compute_metrics(true, before, label_names), "loss": 1.1}
     final = {**evaluation.compute_metrics(true, after, label_names), "loss": 0.4}
+    speed = {"train/samples_per_s": 50.0, "train/tokens_per_s": 900.0}
     history = [
-        {"step": 5, "epoch": 0, "train/loss": 1.0, "train/lr": 1e-3, "train/samples_per_s": 50.0, "train/tokens_per_s": 900.0},
-        {"step": 10, "epoch": 1, "train/loss": 0.6, "train/lr": 5e-4, "train/samples_per_s": 52.0, "train/tokens_per_s": 950.0},
+        {"step": 5, "epoch": 0, "train/loss": 1.0, "train/lr": 1e-3, **speed},
+        {"step": 10, "epoch": 1, "train/loss": 0.6, "train/lr": 5e-4, **speed},
         {"step": 10, "epoch": 1, **{f"eval/{k}": v for k, v in final.items() if isinstance(v, float)}},
     ]
-    config = {f.name: f.default for f in train_loop.dataclasses.fields(train_loop.TrainConfig)}
+    config = {f.name: f.default for f in dataclasses.fields(train_loop.TrainConfig)}
     config.update(model="tiny-bert", dataset="reviews.csv", target_modules=["query", "value"], learning_rate=1e-5)
     return {"baseline": baseline, "final": final, "label_names": label_names, "history": history,
             "trainable_parameters": 1_971, "total_parameters": 8_294, "trainable_share": 1_971 / 8_294,
@@ -100,6 +102,14 @@ def test_report_links_the_plots_that_exist(tmp_path):
     assert [p.name for p in paths] == [evaluation.CURVES_FILE, evaluation.CONFUSION_FILE]
     for path in paths:
         assert f"]({path.name})" in text
+
+
+def test_report_from_the_command_line(tmp_path, capsys):
+    assert evaluation.main(["--adapter_dir", str(tmp_path), "--report"]) == 2
+    assert "metrics.json' does not exist" in capsys.readouterr().err
+    (tmp_path / "metrics.json").write_text(json.dumps(fake_results()))
+    assert evaluation.main(["--adapter_dir", str(tmp_path), "--report"]) == 0
+    assert "| accuracy | 0.3333 | 0.7778 | +0.4444 |" in (tmp_path / evaluation.REPORT_FILE).read_text()
 
 
 # --- plots ------------------------------------------------------------------------------------

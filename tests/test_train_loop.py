@@ -274,3 +274,20 @@ def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, tiny_csv, tmp_pat
     assert metrics["optimizer_steps"] == 4 and [e["step"] for e in evals] == [2, 4]
     best = (out / "best_adapter" / "adapter_model.safetensors").read_bytes()
     assert (out / "adapter_model.safetensors").read_bytes() == best
+
+
+def test_tensorboard_tracking_logs_train_and_eval_scalars(tiny_model_dir, tiny_csv, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert train_loop.main(tiny_args(tiny_model_dir("bert"), tiny_csv, out, "--max_steps", "4",
+                                     "--log_every", "2", "--report_to", "tensorboard")) == 0
+    events = sorted(out.rglob("events.out.tfevents*"))
+    assert events, "no tensorboard event file written"
+    scalars = set()
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        scalars |= set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/samples_per_s", "eval/accuracy"} <= scalars

@@ -210,7 +210,7 @@ def _config_section(results: dict) -> list[str]:
     import yaml
 
     # yaml.safe_dump, not json.dumps: PyYAML reads JSON's 1e-05 back as a string, its own 1.0e-05 as a float.
-    block = yaml.safe_dump(results["config"], sort_keys=False, default_flow_style=None)
+    block = yaml.safe_dump(results["config"], sort_keys=False, default_flow_style=False)
     return ["## Config used", "Every setting of the run; the block is YAML, which `train_loop.py --config` reads.",
             f"```yaml\n{block}```"]
 

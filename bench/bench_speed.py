@@ -101,7 +101,8 @@ class Meter:
         self.samples = self.padded_tokens = self.steps = 0
         self.real_tokens = []  # per-batch 0-d tensors, summed at the end: no device sync per step
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
-        self.started = self.last_step = self._forward_started = self._forward_ended = self._optimizer_started = None
+        self.started = self.last_step = self.cpu_started = self.last_step_cpu = None
+        self._forward_started = self._forward_ended = self._optimizer_started = None
         self.peak_rss = 0
         self.extra = {}  # run-specific figures to report alongside
         self._running = threading.Event()
@@ -158,6 +159,7 @@ class Meter:
         self._running.set()
         self._sampler = threading.Thread(target=self._sample_rss, daemon=True)
         self._sampler.start()
+        self.cpu_started = time.process_time()
         self.started = time.perf_counter()
 
     def step(self) -> None:
@@ -165,6 +167,7 @@ class Meter:
             torch.cuda.synchronize()  # GPU kernels run ahead of Python: count a step when it is done
         self.steps += 1
         self.last_step = time.perf_counter()
+        self.last_step_cpu = time.process_time()
 
     def stop(self) -> dict:
         """Close the window; returns the run's throughput, token, time-split and memory figures."""
@@ -182,6 +185,9 @@ class Meter:
             "samples_per_s": self.samples / seconds, "real_tokens_per_s": real / seconds,
             "real_token_share": real / max(self.padded_tokens, 1), **per_step_ms,
             "peak_rss_mb": self.peak_rss / 2**20,
+            # CPU seconds of all this process's threads over the window: near threads x train_seconds on an
+            # idle machine, far below it when other jobs share the cores (then compare runs with care)
+            "cpu_seconds": self.last_step_cpu - self.cpu_started,
             # a fingerprint of the data order: two runs with equal lists trained on the same batches
             "real_tokens_per_batch": [int(t) for t in self.real_tokens],
         }
@@ -223,20 +229,13 @@ class Job:
         return self.accelerator.device.type == "cuda"
 
     def loader_options(self) -> dict:
-        # The same choices as train_loop.train(): aligned widths, workers and pinned memory on GPU only.
-        return dict(pad_to_multiple_of=8 if self.on_gpu else None, num_workers=(
-            self.cfg.num_workers if self.cfg.num_workers is not None else (2 if self.on_gpu else 0)),
-            pin_memory=self.on_gpu)
+        return train_loop.loader_options(self.cfg, self.on_gpu)  # the same choices as train_loop.train()
 
 
 def prepare_job(cfg: train_loop.TrainConfig) -> Job:
     accelerator = train_loop.build_accelerator(cfg)
     tokenizer = lora_setup.load_tokenizer(cfg.model)
-    splits = data.load_splits(
-        cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column, eval_file=cfg.eval_file,
-        dataset_config=cfg.dataset_config, eval_split=cfg.eval_split, eval_size=cfg.eval_size,
-        num_labels=cfg.num_labels, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
-        max_eval_samples=cfg.max_eval_samples, drop_empty_texts=cfg.drop_empty_texts)
+    splits = train_loop.load_data(cfg)
     job = Job(cfg, accelerator, tokenizer, splits, data.tokenize(splits.train, tokenizer, cfg.max_length), None)
     eval_loader = data.build_dataloader(data.tokenize(splits.eval, tokenizer, cfg.max_length), tokenizer.pad_token_id,
                                         cfg.eval_batch_size, train=False, **job.loader_options())
@@ -251,7 +250,8 @@ def build_model(job: Job):
 
     cfg = job.cfg
     set_seed(cfg.seed)
-    model, head_modules = lora_setup.load_base_model(cfg.model, job.splits.label_names, job.tokenizer.pad_token_id)
+    model, head_modules = lora_setup.load_base_model(cfg.model, job.splits.label_names, job.tokenizer.pad_token_id,
+                                                     load_in_4bit=cfg.load_in_4bit)
     lora_config = lora_setup.build_lora_config(
         model, head_modules, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save, bias=cfg.lora_bias,
@@ -490,6 +490,7 @@ SPLIT_COLUMNS = [  # where the time of one optimizer step goes (see Meter)
     ("optimizer ms", "optimizer_ms_per_step", "{:.1f}"),
     ("data + other ms", "data_and_other_ms_per_step", "{:.1f}"),
     ("step ms", "step_ms", "{:.0f}"),
+    ("cores busy", "cores_busy", "{:.2f}"),
 ]
 
 
@@ -506,7 +507,8 @@ def format_table(rows: list[dict], meta: dict) -> str:
     """Markdown: the settings the runs shared, the main table, and where each run's step time went."""
     rows = [{**row, "label": f"({row['arm']}) {row['name']}" if row["arm"] != "tfidf" else row["name"],
              "peak_memory_mb": row.get("peak_gpu_memory_mb", row.get("peak_rss_mb")),
-             "step_ms": 1000 * row["train_seconds"] / row["optimizer_steps"] if "optimizer_steps" in row else None}
+             "step_ms": 1000 * row["train_seconds"] / row["optimizer_steps"] if "optimizer_steps" in row else None,
+             "cores_busy": row["cpu_seconds"] / row["train_seconds"] if "cpu_seconds" in row else None}
             for row in rows]
     trained = [row for row in rows if "optimizer_steps" in row]
     memory = "torch.cuda.max_memory_allocated" if any("peak_gpu_memory_mb" in r for r in rows) else "process RSS"
@@ -518,6 +520,8 @@ def format_table(rows: list[dict], meta: dict) -> str:
     if trained:
         lines += ["", "Where the time of one optimizer step goes (mean ms per step):", ""]
         lines += markdown_table(trained, SPLIT_COLUMNS)
+        lines += ["", f"cores busy: this process's CPU seconds per second of the window; close to {meta['threads']} "
+                  "when the machine was otherwise idle, lower when other jobs took CPU time from the run."]
     return "\n".join(lines)
 
 
@@ -554,6 +558,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train_loop.quiet_libraries()
     bench_args, cfg = parse_args(argv)
     if bench_args.threads:
         torch.set_num_threads(bench_args.threads)

@@ -21,8 +21,11 @@ $(VENV)/.installed: requirements.txt requirements-embedded.txt requirements-extr
 setup-decoder: setup
 	$(BIN)/pip install -q --no-deps -r requirements-decoder.txt
 
+# Without a config, `accelerate launch` pins each process to ONE CPU thread; give a single process
+# every core (measured on 2 cores: 35 samples/s on one thread, 45 on two).
+THREADS ?= $(shell nproc)
 train: setup
-	$(BIN)/accelerate launch train_loop.py $(ARGS)
+	$(BIN)/accelerate launch --num_cpu_threads_per_process $(THREADS) train_loop.py $(ARGS)
 
 # Offline on purpose: a Hub name then fails at once instead of after ~50 s of retries.
 test: setup

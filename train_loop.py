@@ -20,7 +20,8 @@ window included), mixed precision (bf16/fp16 via Accelerate), gradient clipping,
 schedules with warmup counted in optimizer steps, weight decay only on weight matrices, DDP / FSDP /
 DeepSpeed through ``accelerate launch`` (no distributed code of our own), checkpoints every N steps and
 each epoch (written atomically, last K kept), exact resume mid-epoch, NaN/inf guard, early stopping
-with the best adapter kept, experiment trackers, optional ``torch.compile`` and merged export.
+with the best adapter kept, experiment trackers, optional ``torch.compile`` and merged export, and on
+CPU dropout masks drawn 3x cheaper (``lora_setup.FastDropout``: a third of a CPU step was spent there).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class TrainConfig:
     group_by_length: bool = _opt(True, "batch texts of similar length together (less padding)")
     num_workers: typing.Optional[int] = _opt(None, "DataLoader workers (default: 2 on GPU, 0 on CPU)")
     compile: bool = _opt(False, "torch.compile the model")
+    fast_dropout: bool = _opt(True, "on CPU, draw dropout masks from 16 random bits (3x cheaper, same p)")
     # Evaluation, logging, checkpoints
     eval_batch_size: int = _opt(128, "batch size for evaluation")
     eval_every: int = _opt(0, "evaluate every N optimizer steps (0 = at each epoch end)")
@@ -547,6 +549,8 @@ def train(cfg: TrainConfig) -> dict:
         target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save, bias=cfg.lora_bias,
         use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
     model = lora_setup.apply_lora(model, lora_config)
+    if cfg.fast_dropout:  # a third of a CPU training step went to drawing dropout masks (lora_setup.py)
+        lora_setup.use_fast_dropout(model, accelerator.device)
     trainable, total = lora_setup.count_parameters(model)
     log(f"model: {cfg.model}; new modules trained in full: {head_modules}; trainable parameters "
         f"{trainable:,} of {total:,} ({100 * trainable / total:.2f} %)")

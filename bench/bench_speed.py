@@ -1,6 +1,6 @@
 """Speed benchmark: our training loop against ``transformers.Trainer`` on the same job, side by side.
 
-    python bench/bench_speed.py                      # Rotten Tomatoes, MiniLM, batch 32, max_length 128, 150 steps
+    python bench/bench_speed.py                      # Rotten Tomatoes, MiniLM, batch 32, max_length 128, one epoch (236 steps)
     python bench/bench_speed.py --dataset embedded:imdb --max_length 512 --batch_size 16 --max_steps 25 \\
         --max_eval_samples 500
     python bench/bench_speed.py --arms a d           # only some of the runs
@@ -9,15 +9,20 @@ Runs, one after the other in this one process, on identical data (one load, one 
 tokenization), the identical model + LoRA config, batch size, max_length, optimizer hyperparameters
 and number of optimizer steps:
 
-  (a) our loop, best settings: length-grouped batches (``train_loop``'s default)
+  (a) our loop, best settings (``train_loop``'s defaults): length-grouped batches and, on CPU, dropout
+      masks drawn from 16 random bits (``lora_setup.FastDropout``)
   (b) our loop, plain random batches (``--no-group_by_length``)
   (c) ``transformers.Trainer`` with its defaults (random batches, ``DataCollatorWithPadding``)
   (d) ``Trainer`` with ``train_sampling_strategy="group_by_length"`` (the old ``group_by_length=True``)
+  (e) our loop, length-grouped, with PyTorch's own dropout (``--no-fast_dropout``): against (a), what
+      the cheaper dropout masks buy; against (d), the loop alone on the same kind of batches
   plus TF-IDF (1-2 grams, sublinear tf) + logistic regression on the same split, for accuracy context.
 
 Every flag of ``train_loop.py`` is accepted and means the same (``--dataset``, ``--max_length``,
 ``--batch_size``, ``--max_steps``, ``--max_eval_samples``, ``--learning_rate``, ``--lora_r`` ...); the
-bench adds ``--arms``, ``--output`` and ``--threads``. ``--max_steps`` defaults to 150 here.
+bench adds ``--arms``, ``--repeats``, ``--output`` and ``--threads``. Without ``--max_steps`` every run
+trains exactly one epoch, so all of them see every training text once and samples/s compares the same
+work (a part of an epoch holds different texts, and lengths, for each sampler).
 
 What is timed, identically for every run (see ``Meter``): from the start of the training loop (before
 the first batch is fetched) to the end of the last optimizer step, so data loading, collation,
@@ -56,15 +61,15 @@ import eval as evaluation  # noqa: E402
 import lora_setup  # noqa: E402
 import train_loop  # noqa: E402
 
-DEFAULT_MAX_STEPS = 150
 ARMS = {
     "a": "our loop, length-grouped",
     "b": "our loop, random batches",
     "c": "Trainer, defaults",
     "d": "Trainer, group_by_length",
+    "e": "our loop, length-grouped, PyTorch dropout",
     "tfidf": "TF-IDF + logistic regression",
 }
-TRAINED_ARMS = ("a", "b", "c", "d")
+TRAINED_ARMS = ("a", "b", "c", "d", "e")
 REFERENCE_ARMS = ("c", "d")  # the ratio columns divide by these runs' samples/s
 
 
@@ -236,6 +241,9 @@ def prepare_job(cfg: train_loop.TrainConfig) -> Job:
     accelerator = train_loop.build_accelerator(cfg)
     tokenizer = lora_setup.load_tokenizer(cfg.model)
     splits = train_loop.load_data(cfg)
+    if cfg.max_steps is None:  # one epoch (see the module docstring)
+        per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        cfg = dataclasses.replace(cfg, max_steps=math.ceil(len(splits.train) / per_step))
     job = Job(cfg, accelerator, tokenizer, splits, data.tokenize(splits.train, tokenizer, cfg.max_length), None)
     eval_loader = data.build_dataloader(data.tokenize(splits.eval, tokenizer, cfg.max_length), tokenizer.pad_token_id,
                                         cfg.eval_batch_size, train=False, **job.loader_options())
@@ -269,20 +277,29 @@ def warmup_steps(cfg: train_loop.TrainConfig, max_steps: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_our_loop(job: Job, group_by_length: bool, max_steps: int | None = None):
-    """Runs (a)/(b): train_loop's own data loader, optimizer, schedule and ``train_step``.
+def setup_our_loop(job: Job, group_by_length: bool, fast_dropout: bool, max_steps: int):
+    """train_loop.train()'s setup for runs (a)/(b)/(e): ``(model, optimizer, scheduler, loader)``."""
+    cfg, accelerator = job.cfg, job.accelerator
+    loader = data.build_dataloader(job.train_tokens, job.tokenizer.pad_token_id, cfg.batch_size, train=True,
+                                   group_by_length=group_by_length, seed=cfg.seed, **job.loader_options())
+    model = build_model(job)
+    if fast_dropout:  # as train_loop.train() does by default (a no-op on GPU)
+        lora_setup.use_fast_dropout(model, accelerator.device)
+    optimizer = train_loop.build_optimizer(model, cfg.learning_rate, cfg.weight_decay, fused=job.on_gpu)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    scheduler = train_loop.build_scheduler(optimizer, cfg.lr_scheduler, warmup_steps(cfg, max_steps), max_steps)
+    return model, optimizer, scheduler, loader
+
+
+def run_our_loop(job: Job, group_by_length: bool, fast_dropout: bool = True, max_steps: int | None = None):
+    """Runs (a)/(b)/(e): train_loop's own data loader, model setup, optimizer, schedule and ``train_step``.
 
     This is train_loop.train()'s loop without what the Trainer runs here do not do either: no
     evaluation, checkpoints or progress bar inside the timed window. Returns ``(model, meter)``.
     """
     cfg, accelerator = job.cfg, job.accelerator
     max_steps = max_steps or cfg.max_steps
-    loader = data.build_dataloader(job.train_tokens, job.tokenizer.pad_token_id, cfg.batch_size, train=True,
-                                   group_by_length=group_by_length, seed=cfg.seed, **job.loader_options())
-    model = build_model(job)
-    optimizer = train_loop.build_optimizer(model, cfg.learning_rate, cfg.weight_decay, fused=job.on_gpu)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    scheduler = train_loop.build_scheduler(optimizer, cfg.lr_scheduler, warmup_steps(cfg, max_steps), max_steps)
+    model, optimizer, scheduler, loader = setup_our_loop(job, group_by_length, fast_dropout, max_steps)
     model.train()
     meter = Meter(model)
     meter.start()
@@ -395,8 +412,8 @@ def run_arm(job: Job, arm: str) -> dict:
         return run_tfidf(job)
     release_memory()
     started = time.perf_counter()
-    if arm in ("a", "b"):
-        model, meter = run_our_loop(job, group_by_length=arm == "a")
+    if arm in ("a", "b", "e"):
+        model, meter = run_our_loop(job, group_by_length=arm != "b", fast_dropout=arm != "e")
     else:
         model, meter = run_trainer(job, group_by_length=arm == "d")
     wall = time.perf_counter() - started
@@ -427,30 +444,12 @@ def median_run(runs: list[dict]) -> dict:
     return row
 
 
-def run_benchmark(cfg: train_loop.TrainConfig, arms=tuple(ARMS), warmup: int = 2,
-                  repeats: int = 1) -> tuple[list[dict], dict]:
-    """Run the chosen arms on one shared job; returns ``(rows, meta)`` for ``format_table``.
-
-    With ``repeats`` > 1 the arms run round-robin (a b c d a b c d ...), so a change in the machine's
-    background load hits every arm alike, and each arm reports its median-speed run.
-    """
-    job = prepare_job(cfg)
-    load_before = os.getloadavg()
-    if warmup and any(a in TRAINED_ARMS for a in arms):
-        model, meter = run_our_loop(job, group_by_length=True, max_steps=warmup)  # first-call costs, untimed
-        meter.stop()
-        del model
-        job.accelerator.free_memory()
-    runs = {arm: [] for arm in arms}
-    for repeat in range(repeats):
-        for arm in arms:
-            if arm in TRAINED_ARMS or repeat == 0:  # the TF-IDF baseline is deterministic and not timed
-                runs[arm].append(run_arm(job, arm))
-    rows = add_ratios([median_run(runs[arm]) for arm in arms])
-    collate_costs = collate_ms_per_batch(job)
+def describe(job: Job, repeats: int) -> dict:
+    """The settings every run shares, and the machine they ran on, for the table's header."""
     import transformers
 
-    meta = {
+    cfg = job.cfg
+    return {
         "model": cfg.model, "dataset": cfg.dataset, "train_rows": len(job.splits.train),
         "eval_rows": len(job.splits.eval), "batch_size": cfg.batch_size, "max_length": cfg.max_length,
         "max_steps": cfg.max_steps, "learning_rate": cfg.learning_rate, "warmup_steps": warmup_steps(cfg, cfg.max_steps),
@@ -458,9 +457,42 @@ def run_benchmark(cfg: train_loop.TrainConfig, arms=tuple(ARMS), warmup: int = 2
         "device": torch.cuda.get_device_name() if job.on_gpu else f"cpu ({os.cpu_count()} cores)",
         "threads": torch.get_num_threads(), "precision": job.accelerator.mixed_precision, "repeats": repeats,
         "torch": torch.__version__, "transformers": transformers.__version__,
-        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        "collate_ms_per_batch": {k: round(v, 2) for k, v in collate_costs.items()},
+        "load_average_before_after": [round(os.getloadavg()[0], 2), None],
+        "collate_ms_per_batch": {k: round(v, 2) for k, v in collate_ms_per_batch(job).items()},
     }
+
+
+def run_benchmark(cfg: train_loop.TrainConfig, arms=tuple(ARMS), warmup: int = 2, repeats: int = 1,
+                  on_progress=None) -> tuple[list[dict], dict]:
+    """Run the chosen arms on one shared job; returns ``(rows, meta)`` for ``format_table``.
+
+    With ``repeats`` > 1 the arms run round-robin (a b c d a b c d ...), so a change in the machine's
+    background load hits every arm alike, and each arm reports its median-speed run. After every run,
+    ``on_progress(rows, meta)`` gets the results so far (the bench writes them, so an interrupted
+    session keeps what it measured).
+    """
+    job = prepare_job(cfg)
+    meta = describe(job, repeats)
+    if warmup and any(a in TRAINED_ARMS for a in arms):
+        model, meter = run_our_loop(job, group_by_length=True, max_steps=warmup)  # first-call costs, untimed
+        meter.stop()
+        del model
+        job.accelerator.free_memory()
+    runs = {arm: [] for arm in arms}
+    rows = []
+    for repeat in range(repeats):
+        for arm in arms:
+            if arm not in TRAINED_ARMS and repeat > 0:
+                continue  # the TF-IDF baseline is deterministic and not timed: once is enough
+            run = run_arm(job, arm)
+            runs[arm].append(run)
+            print(f"[{arm}] run {repeat + 1}/{repeats}: " + ", ".join(
+                f"{k} {run[k]:.4g}" for k in ("samples_per_s", "train_seconds", "accuracy", "cpu_seconds") if k in run),
+                flush=True)
+            rows = add_ratios([median_run(done) for done in runs.values() if done])
+            meta["load_average_before_after"][1] = round(os.getloadavg()[0], 2)
+            if on_progress:
+                on_progress(rows, meta)
     return rows, meta
 
 
@@ -527,7 +559,7 @@ def format_table(rows: list[dict], meta: dict) -> str:
 
 def default_output(cfg: train_loop.TrainConfig) -> Path:
     name = Path(cfg.dataset.replace(data.EMBEDDED_PREFIX, "")).stem
-    return Path("bench/results") / f"{name}_len{cfg.max_length}_bs{cfg.batch_size}_steps{cfg.max_steps}.md"
+    return Path("bench/results") / f"{name}_len{cfg.max_length}_bs{cfg.batch_size}_steps{cfg.max_steps or 'epoch'}.md"
 
 
 def write_results(rows: list[dict], meta: dict, table: str, output: Path) -> None:
@@ -541,7 +573,7 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0],
         epilog="Every other flag is a train_loop.py flag with the same meaning (python train_loop.py --help): "
                "--dataset, --max_length, --batch_size, --max_steps (default here: "
-               f"{DEFAULT_MAX_STEPS}), --max_eval_samples, --learning_rate, --lora_r ...")
+               "one epoch), --max_eval_samples, --learning_rate, --lora_r ...")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="runs, in this order")
     parser.add_argument("--output", type=Path, help="markdown table path; a .json with every figure goes beside it "
                         "(default: bench/results/<dataset>_len<L>_bs<B>_steps<N>.md)")
@@ -551,8 +583,6 @@ def parse_args(argv=None):
     parser.add_argument("--untimed_warmup_steps", type=int, default=2, help="untimed warm-up steps before the runs")
     bench_args, train_flags = parser.parse_known_args(argv)
     cfg = train_loop.parse_config(train_flags)
-    if cfg.max_steps is None:
-        cfg = dataclasses.replace(cfg, max_steps=DEFAULT_MAX_STEPS)
     return bench_args, cfg
 
 
@@ -562,12 +592,11 @@ def main(argv=None) -> int:
     bench_args, cfg = parse_args(argv)
     if bench_args.threads:
         torch.set_num_threads(bench_args.threads)
-    rows, meta = run_benchmark(cfg, bench_args.arms, warmup=bench_args.untimed_warmup_steps,
-                               repeats=bench_args.repeats)
-    table = format_table(rows, meta)
-    print(table)
     output = bench_args.output or default_output(cfg)
-    write_results(rows, meta, table, output)
+    rows, meta = run_benchmark(cfg, bench_args.arms, warmup=bench_args.untimed_warmup_steps,
+                               repeats=bench_args.repeats,
+                               on_progress=lambda rows, meta: write_results(rows, meta, format_table(rows, meta), output))
+    print(format_table(rows, meta))
     print(f"\nwritten: {output} and {output.with_suffix('.json')}")
     return 0
 

@@ -33,7 +33,8 @@ so no run pays for the process's first-call costs. All runs share ``torch.get_nu
 precision, the evaluation code (``eval.evaluate`` on the same length-sorted eval loader) and the seed
 of the model's new weights. Runs (b) and (c) even train on the very same batches: Accelerate seeds the
 Trainer's random sampler exactly as our sampler seeds its shuffle (``randperm`` from seed + epoch), so
-(b) against (c) isolates the loop itself, and (a) against (b) what length grouping buys.
+(b) against (c) compares the loops (ours with ``FastDropout``) on identical batches, (a) against (b)
+shows what length grouping buys and (a) against (e) what ``FastDropout`` buys.
 Trainer is used only here, as the comparison.
 """
 

@@ -502,6 +502,18 @@ def loader_options(cfg: TrainConfig, on_gpu: bool) -> dict:
                 pin_memory=on_gpu)
 
 
+def build_model(cfg: TrainConfig, label_names: list[str], pad_token_id: int):
+    """Pretrained model + new classification head + LoRA adapter, as the run's settings ask;
+    returns ``(model, head_modules)`` (the new modules, trained in full)."""
+    model, head_modules = lora_setup.load_base_model(cfg.model, label_names, pad_token_id,
+                                                     load_in_4bit=cfg.load_in_4bit)
+    lora_config = lora_setup.build_lora_config(
+        model, head_modules, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save, bias=cfg.lora_bias,
+        use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
+    return lora_setup.apply_lora(model, lora_config), head_modules
+
+
 def quiet_libraries() -> None:
     """Keep the console for our own log: no per-library progress bars, no deprecation chatter."""
     import datasets
@@ -542,13 +554,7 @@ def train(cfg: TrainConfig) -> dict:
         train=False, **options)
 
     # 3. Model + LoRA ---------------------------------------------------------------------------
-    model, head_modules = lora_setup.load_base_model(cfg.model, label_names, tokenizer.pad_token_id,
-                                                     load_in_4bit=cfg.load_in_4bit)
-    lora_config = lora_setup.build_lora_config(
-        model, head_modules, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save, bias=cfg.lora_bias,
-        use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
-    model = lora_setup.apply_lora(model, lora_config)
+    model, head_modules = build_model(cfg, label_names, tokenizer.pad_token_id)
     if cfg.fast_dropout:  # a third of a CPU training step went to drawing dropout masks (lora_setup.py)
         lora_setup.use_fast_dropout(model, accelerator.device)
     trainable, total = lora_setup.count_parameters(model)

@@ -257,15 +257,9 @@ def build_model(job: Job):
     makes the head's and the LoRA A matrices' initial values identical in every run."""
     from accelerate.utils import set_seed
 
-    cfg = job.cfg
-    set_seed(cfg.seed)
-    model, head_modules = lora_setup.load_base_model(cfg.model, job.splits.label_names, job.tokenizer.pad_token_id,
-                                                     load_in_4bit=cfg.load_in_4bit)
-    lora_config = lora_setup.build_lora_config(
-        model, head_modules, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save, bias=cfg.lora_bias,
-        use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
-    return lora_setup.apply_lora(model, lora_config)
+    set_seed(job.cfg.seed)
+    model, _ = train_loop.build_model(job.cfg, job.splits.label_names, job.tokenizer.pad_token_id)
+    return model
 
 
 def warmup_steps(cfg: train_loop.TrainConfig, max_steps: int) -> int:

@@ -89,7 +89,6 @@ def test_arguments_pass_train_loop_flags_through():
 
 
 def test_without_max_steps_every_run_trains_one_epoch(tiny_benchmark):
-
     cfg, _, _ = tiny_benchmark
     job = bench_speed.prepare_job(dataclasses.replace(cfg, max_steps=None, batch_size=16))
     assert job.cfg.max_steps == 10  # 160 training rows / 16 per step

@@ -331,10 +331,13 @@ def use_fast_dropout(model, device: torch.device) -> int:
     return swapped
 
 
-def save_adapter(model, tokenizer, output_dir: str | Path) -> None:
+def save_adapter(model, tokenizer, output_dir: str | Path, state_dict: dict | None = None) -> None:
     """Save adapter + head weights and the tokenizer so that
-    ``AutoPeftModelForSequenceClassification.from_pretrained(output_dir)`` rebuilds the classifier."""
-    model.save_pretrained(output_dir)
+    ``AutoPeftModelForSequenceClassification.from_pretrained(output_dir)`` rebuilds the classifier.
+
+    ``state_dict``: the model's full state dict when it was gathered from several processes
+    (``checkpointing.save_adapter``); by default the weights are read from ``model`` itself."""
+    model.save_pretrained(output_dir, state_dict=state_dict)
     tokenizer.save_pretrained(output_dir)
     # The label names and pad id live in the model config, which the adapter files do not carry.
     model.base_model.model.config.save_pretrained(output_dir)

@@ -31,9 +31,7 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
-import time
 import typing
 import warnings
 from contextlib import nullcontext
@@ -42,10 +40,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, DynamoBackend, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
 
+import checkpointing
 import data
 import eval as evaluation
 import lora_setup
+import metering
+import run_dir
+from checkpointing import CheckpointError, TrainState
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,7 +118,9 @@ class TrainConfig:
     checkpoint_every: int = _opt(0, "checkpoint every N optimizer steps, besides each epoch end (0 = epoch ends)")
     keep_checkpoints: int = _opt(2, "keep the newest K checkpoints")
     resume_from_checkpoint: typing.Optional[str] = _opt(None, "latest, or a checkpoint folder")
-    metric_for_best: str = _opt("accuracy", "eval metric that picks the best adapter (higher is better)")
+    metric_for_best: str = _opt("accuracy", "eval metric that picks the best adapter (loss: lower is better, "
+                                "every other metric: higher)")
+    greater_is_better: typing.Optional[bool] = _opt(None, "override the direction of --metric_for_best")
     early_stopping_patience: int = _opt(0, "stop after N evaluations without improvement (0 = off)")
     report_to: typing.Optional[str] = _opt(None, "experiment tracker: tensorboard, wandb, ... or all")
     merge: bool = _opt(False, "also export a merged model (plain transformers) to OUTPUT_DIR/merged")
@@ -161,7 +168,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         kind = hints[f.name]
         inner = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
-        if kind is bool:
+        if inner is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
                                 help=f.metadata["help"])
         elif typing.get_origin(inner) is list:
@@ -195,37 +202,225 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
-# Settings that define what a checkpoint's weights and data order mean: resuming with any of them
-# changed would silently train something else.
-RESUME_IDENTITY = ("model", "dataset", "dataset_config", "eval_file", "text_column", "label_column", "num_labels",
-                   "max_length", "max_train_samples", "seed", "batch_size", "gradient_accumulation_steps",
-                   "lora_r", "lora_alpha", "target_modules", "modules_to_save", "lora_bias", "use_dora", "use_rslora",
-                   "load_in_4bit")
 
 
-def check_output_dir(cfg: TrainConfig) -> None:
-    """Refuse to write over another run (work would be lost) unless asked to."""
-    out = Path(cfg.output_dir)
-    if not out.exists() or not any(out.iterdir()) or cfg.overwrite:
-        return
-    run_file = out / "run_config.json"
-    if not run_file.is_file():
-        raise ConfigError(f"output dir '{out}' is not empty and holds no run of ours; pick another "
-                          "--output_dir, or pass --overwrite to replace its contents")
-    previous = json.loads(run_file.read_text())
-    changed = [k for k in RESUME_IDENTITY if previous.get(k) != getattr(cfg, k)]
-    if cfg.resume_from_checkpoint and not changed:
-        return
+# Settings a user may change when resuming: where and how often things are written or logged, and the
+# two a user lowers after a NaN (the NaN message advises it). Every other setting changes which rows a
+# run sees, their order or what is trained, so it must match the checkpoint. Listing what MAY change
+# (not what must match) means a new setting is covered by default.
+RESUME_MAY_CHANGE = ("output_dir", "overwrite", "resume_from_checkpoint", "log_every", "eval_every", "checkpoint_every",
+                     "keep_checkpoints", "report_to", "eval_batch_size", "num_workers", "merge", "learning_rate",
+                     "max_grad_norm")
+
+
+def resume_identity(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
+
+
+def check_resume_identity(cfg: TrainConfig, saved: dict, path: Path) -> None:
+    """Refuse a checkpoint whose run had other settings, naming each difference."""
+    now = resume_identity(cfg)
+    changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(now) | set(saved)) if saved.get(k) != now.get(k)}
     if changed:
-        detail = ", ".join(f"{k}={previous.get(k)!r} there vs {getattr(cfg, k)!r} now" for k in changed)
-        raise ConfigError(f"output dir '{out}' holds a different run ({detail}); pass another --output_dir, "
-                          "or --overwrite to replace it")
-    raise ConfigError(f"output dir '{out}' already holds this run; pass --resume_from_checkpoint latest to "
-                      "continue it, --overwrite to start over, or another --output_dir")
+        detail = ", ".join(f"{k}={old!r} there vs {new!r} now" for k, (old, new) in changed.items())
+        raise ConfigError(f"checkpoint '{path}' comes from a run with other settings ({detail}); resume with the same "
+                          "settings, or start a fresh run in another --output_dir")
+
+
+def describe_previous_run(cfg: TrainConfig, path: Path) -> str:
+    """' (with lora_r=4 there vs 8 now)' for the run already in an output dir, or ' (the same settings)'."""
+    try:
+        previous = json.loads((path / "run_config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    now = resume_identity(cfg)
+    changed = [f"{k}={previous.get(k)!r} there vs {v!r} now" for k, v in now.items() if previous.get(k) != v]
+    return f" (with {', '.join(changed)})" if changed else " (with the same settings)"
+
+
+# Evaluation metrics that pick the best adapter; for these lower is better, for all others higher.
+SELECTABLE_METRICS = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", "f1_macro", "f1_micro",
+                      "f1_weighted", "loss")
+LOWER_IS_BETTER = ("loss",)
+
+
+def check_metric_for_best(cfg: TrainConfig) -> None:
+    """At start-up, not after a whole epoch: a misspelt name would otherwise crash the first evaluation."""
+    if cfg.metric_for_best not in SELECTABLE_METRICS:
+        raise ConfigError(f"--metric_for_best {cfg.metric_for_best!r} is not an evaluation metric; choose one of "
+                          + ", ".join(SELECTABLE_METRICS))
+
+
+def greater_is_better(cfg: TrainConfig) -> bool:
+    if cfg.greater_is_better is not None:
+        return cfg.greater_is_better
+    return cfg.metric_for_best not in LOWER_IS_BETTER
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer, schedule, one training step
+# 2. Setup: accelerator, data, model, optimizer, schedule -- everything the loop needs
+# ----------------------------------------------------------------------------------------------
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if cfg.report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("--report_to tensorboard needs the tensorboard package: pip install tensorboard") from None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and os.environ.get("ACCELERATE_GRADIENT_CLIPPING",
+                                                                                 "auto") == "auto":
+        # DeepSpeed's engine clips inside its own step, with the value from its config: hand it ours.
+        os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(cfg.max_grad_norm)
+    # Started by torchrun / `accelerate launch --multi_gpu` on a machine without CUDA, Accelerate only
+    # forms a process group (gloo, MULTI_CPU) when told to run on the CPU; otherwise every process
+    # would silently train alone.
+    several_cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        cpu=several_cpu_processes, mixed_precision=precision, log_with=cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
+        dynamo_backend=DynamoBackend.INDUCTOR if cfg.compile else DynamoBackend.NO)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        check_deepspeed_settings(cfg, accelerator)
+    return accelerator
+
+
+def check_deepspeed_settings(cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """DeepSpeed steps, clips and checkpoints inside its engine: refuse what it would do differently."""
+    clipping = float(accelerator.deepspeed_config.get("gradient_clipping") or 0.0)
+    if clipping != cfg.max_grad_norm:
+        raise ConfigError(f"the DeepSpeed config clips gradients at {clipping} but --max_grad_norm is "
+                          f"{cfg.max_grad_norm}; set gradient_clipping: {cfg.max_grad_norm} in the accelerate config "
+                          "(or 'auto', which takes --max_grad_norm)")
+    if cfg.resume_from_checkpoint or cfg.checkpoint_every:
+        raise ConfigError(checkpointing.DEEPSPEED_REFUSAL)
+
+
+def load_data(cfg: TrainConfig) -> data.LabelledSplits:
+    """The run's train and eval splits, cleaned and checked (data.load_splits with the run's settings)."""
+    return data.load_splits(
+        cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column, eval_file=cfg.eval_file,
+        dataset_config=cfg.dataset_config, eval_split=cfg.eval_split, eval_size=cfg.eval_size,
+        num_labels=cfg.num_labels, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
+        max_eval_samples=cfg.max_eval_samples, drop_empty_texts=cfg.drop_empty_texts)
+
+
+def loader_options(cfg: TrainConfig, on_gpu: bool) -> dict:
+    """DataLoader settings that only pay off on a GPU: widths rounded to multiples of 8 (tensor-core
+    friendly shapes), worker processes that collate ahead, and pinned memory for faster copies."""
+    return dict(pad_to_multiple_of=8 if on_gpu else None,
+                num_workers=cfg.num_workers if cfg.num_workers is not None else (2 if on_gpu else 0),
+                pin_memory=on_gpu)
+
+
+def build_model(cfg: TrainConfig, label_names: list[str], pad_token_id: int):
+    """Pretrained model + new classification head + LoRA adapter, as the run's settings ask;
+    returns ``(model, head_modules)`` (the new modules, trained in full)."""
+    model, head_modules = lora_setup.load_base_model(cfg.model, label_names, pad_token_id,
+                                                     load_in_4bit=cfg.load_in_4bit)
+    lora_config = lora_setup.build_lora_config(
+        model, head_modules, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save, bias=cfg.lora_bias,
+        use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
+    return lora_setup.apply_lora(model, lora_config), head_modules
+
+
+def quiet_libraries() -> None:
+    """Keep the console for our own log: no per-library progress bars, no deprecation chatter."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, built once by ``setup``."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    output: run_dir.RunDir
+    tokenizer: typing.Any
+    label_names: list[str]
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_loader: torch.utils.data.DataLoader
+    eval_loader: torch.utils.data.DataLoader
+    steps_per_epoch: int
+    total_steps: int
+    trainable_parameters: int
+    total_parameters: int
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output.path / "checkpoints"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.output.path / "best_adapter"
+
+
+def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
+    """Accelerator, data, model + LoRA, optimizer and schedule, in that order. Everything that can be
+    refused is checked before the output dir is touched; ``claim_output_dir=False`` (the bench) writes nothing."""
+    quiet_libraries()
+    accelerator = build_accelerator(cfg)
+    set_seed(cfg.seed)  # the head's initial weights, the dropout masks
+    output = run_dir.RunDir(cfg.output_dir)
+    if claim_output_dir:  # every process checks, so all of them stop together on a refusal
+        output.check(overwrite=cfg.overwrite, resuming=bool(cfg.resume_from_checkpoint),
+                     inputs=[cfg.dataset, cfg.eval_file, cfg.model, cfg.resume_from_checkpoint],
+                     describe_run=lambda path: describe_previous_run(cfg, path))
+    check_metric_for_best(cfg)
+    on_gpu = accelerator.device.type == "cuda"
+
+    tokenizer = lora_setup.load_tokenizer(cfg.model)
+    splits = load_data(cfg)
+    accelerator.print(f"data: {len(splits.train)} train / {len(splits.eval)} eval rows, labels {splits.label_names}")
+    options = loader_options(cfg, on_gpu)
+    train_loader = data.build_dataloader(
+        data.tokenize(splits.train, tokenizer, cfg.max_length), tokenizer.pad_token_id, cfg.batch_size,
+        train=True, group_by_length=cfg.group_by_length, seed=cfg.seed, **options)
+    eval_loader = data.build_dataloader(
+        data.tokenize(splits.eval, tokenizer, cfg.max_length), tokenizer.pad_token_id, cfg.eval_batch_size,
+        train=False, **options)
+
+    model, head_modules = build_model(cfg, splits.label_names, tokenizer.pad_token_id)
+    if cfg.fast_dropout:  # a third of a CPU training step went to drawing dropout masks (lora_setup.py)
+        lora_setup.use_fast_dropout(model, accelerator.device)
+    trainable, total = lora_setup.count_parameters(model)
+    accelerator.print(f"model: {cfg.model}; new modules trained in full: {head_modules}; trainable parameters "
+                      f"{trainable:,} of {total:,} ({100 * trainable / total:.2f} %)")
+
+    # Data and model are valid: only now claim the output dir, so a failed start leaves nothing there.
+    if claim_output_dir:
+        accelerator.wait_for_everyone()  # every process has checked the dir before anyone writes to it
+        if accelerator.is_main_process:
+            output.claim(overwrite=cfg.overwrite)
+            output.write_text("run_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        accelerator.wait_for_everyone()
+
+    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, fused=on_gpu)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    # After prepare, len(train_loader) is the number of micro-batches *this process* sees per epoch.
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    if cfg.report_to:
+        accelerator.init_trackers("lora-text-classification", config={
+            k: v for k, v in dataclasses.asdict(cfg).items() if v is not None and not isinstance(v, list)})
+    return Run(cfg, accelerator, output, tokenizer, splits.label_names, model, optimizer, scheduler, train_loader,
+               eval_loader, steps_per_epoch, total_steps, trainable, total)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The steps: optimizer, schedule, one training step
 # ----------------------------------------------------------------------------------------------
 
 
@@ -291,433 +486,229 @@ def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max
     ``accumulation_steps * batch_size``). DDP then *averages* gradients over processes, so we multiply
     by the process count to turn that average back into the sum we want.
 
-    Returns the window's true mean loss (all processes), its sample and real-token counts.
+    The NaN guard runs before the last micro-batch's backward: under DeepSpeed that backward is where
+    the engine clips and steps, so checking later would be too late for the weights.
+
+    Returns the window's true mean loss (all processes), its sample count and its real-token count (a
+    device tensor, read only when logging): nothing here waits for the GPU except the one NaN check.
     """
-    counts = torch.tensor([sum(len(b["labels"]) for b in window),
-                           sum(int(b["attention_mask"].sum()) for b in window)], device=accelerator.device)
-    window_samples, window_tokens = accelerator.reduce(counts, reduction="sum").tolist()
+    local_samples = sum(len(b["labels"]) for b in window)
+    window_samples = accelerator.reduce(torch.tensor(float(local_samples), device=accelerator.device), reduction="sum")
     scale = accelerator.num_processes / window_samples
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
-        # Gradients are all-reduced between processes only on the window's last micro-batch.
         is_last = i == len(window) - 1
+        # Gradients are all-reduced between processes only on the window's last micro-batch; DeepSpeed's
+        # engine, which steps inside backward, is told the same through Accelerate's sync flag.
+        accelerator.gradient_state._set_sync_gradients(is_last)
         with nullcontext() if is_last else accelerator.no_sync(model):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-            accelerator.backward(loss * scale)
-        loss_sum += loss.detach()
-    mean_loss = accelerator.reduce(loss_sum, reduction="sum").item() / window_samples
-    if not math.isfinite(mean_loss):
-        raise NonFiniteLossError(f"loss is {mean_loss}")  # before optimizer.step: the weights stay good
+            loss_sum += loss.detach()
+            if is_last:
+                mean_loss = (accelerator.reduce(loss_sum, reduction="sum") / window_samples).item()  # the one sync
+                if not math.isfinite(mean_loss):
+                    raise NonFiniteLossError(f"loss is {mean_loss}")  # nothing applied: the weights stay good
+            accelerator.backward(loss * scale * engine_loss_divisor(accelerator))
     if max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)  # under DeepSpeed the engine clipped
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": mean_loss, "samples": int(window_samples), "tokens": int(window_tokens)}
+    tokens = sum(b["attention_mask"].sum() for b in window)
+    return {"loss": mean_loss, "samples": local_samples * accelerator.num_processes, "tokens": tokens}
+
+
+def engine_loss_divisor(accelerator) -> int:
+    """DeepSpeed divides every loss by the accumulation steps of its config; our loss is already
+    normalised exactly, so we multiply that division away (1 everywhere else)."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return 1
+    return int(accelerator.deepspeed_config.get("gradient_accumulation_steps", 1))
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# 4. The loop
 # ----------------------------------------------------------------------------------------------
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be resumed from; the message says why."""
+def evaluate_and_keep(run: Run, state: TrainState, keeper: checkpointing.BestAdapter) -> dict:
+    """Evaluate (every process), log, and keep the adapter if it is the best so far."""
+    metrics = evaluation.evaluate(run.model, run.eval_loader, run.accelerator, run.label_names)
+    scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}
+    state.history.append({"step": state.global_step, "epoch": state.epoch, **scalars})
+    run.accelerator.log(scalars, step=state.global_step)
+    keeper.update(run, state, metrics)
+    return metrics
 
 
-@dataclass
-class TrainState:
-    """Everything besides tensors that a resumed run needs to carry on exactly where it stopped."""
-
-    global_step: int = 0  # optimizer steps done (not micro-batches)
-    epoch: int = 0  # epoch in progress
-    batches_in_epoch: int = 0  # micro-batches of that epoch already consumed, per process
-    best_metric: float | None = None
-    evals_without_improvement: int = 0
-    train_seconds: float = 0.0
-    samples_seen: int = 0
-    tokens_seen: int = 0
-    history: list = field(default_factory=list)
-    identity: dict = field(default_factory=dict)  # RESUME_IDENTITY settings of the run
+def save_checkpoint(run: Run, state: TrainState) -> None:
+    if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return  # refused at start-up when asked for explicitly; see checkpointing.DEEPSPEED_REFUSAL
+    checkpointing.save_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler, state, run.checkpoint_dir,
+                                  run.cfg.keep_checkpoints, run.best_dir, on_written=run.output.checkpoints_written)
 
 
-def register_adapter_only_checkpointing(accelerator) -> None:
-    """Make ``accelerator.save_state`` store the adapter, not the whole model.
-
-    By default Accelerate writes the full state dict, frozen base weights included: hundreds of MB
-    per checkpoint for nothing, since the base never changes. These hooks swap that for the
-    adapter + head weights; optimizer, scheduler, scaler and per-process RNG states stay Accelerate's.
-    """
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            adapter = get_peft_model_state_dict(accelerator.unwrap_model(models[0]))
-            save_file({k: v.contiguous() for k, v in adapter.items()}, os.path.join(output_dir, "adapter.safetensors"))
-        weights.clear()  # nothing left for Accelerate to save as model weights
-
-    def load_hook(models, input_dir):
-        model = models.pop()  # tells Accelerate we loaded this model ourselves
-        result = set_peft_model_state_dict(accelerator.unwrap_model(model),
-                                           load_file(os.path.join(input_dir, "adapter.safetensors")))
-        if result.unexpected_keys:
-            raise CheckpointError(f"adapter weights do not fit this model: {result.unexpected_keys[:3]}")
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+def log_progress(run: Run, state: TrainState, meter: metering.ThroughputMeter, progress) -> None:
+    record, interval = meter.record(run.scheduler.get_last_lr()[0])
+    state.train_seconds += interval["seconds"]
+    state.samples_seen += interval["samples"]
+    state.tokens_seen += interval["tokens"]
+    run.accelerator.log(record, step=state.global_step)
+    progress.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/lr']:.2e}",
+                         samples_s=f"{record['train/samples_per_s']:.1f}")
+    state.history.append({"step": state.global_step, "epoch": state.epoch, **record})
 
 
-def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Half-written ones live under a '.incomplete_' name."""
-    if not checkpoint_dir.is_dir():
-        return []
-    return sorted(p for p in checkpoint_dir.glob("step_*") if p.is_dir())
+def fit(run: Run, state: TrainState, keeper: checkpointing.BestAdapter) -> None:
+    """The training loop: epochs of accumulation windows, one optimizer step per window."""
+    cfg, accelerator = run.cfg, run.accelerator
+    meter = metering.ThroughputMeter(accelerator.device, run.total_parameters, accelerator.num_processes)
+    progress = tqdm(total=run.total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process)
+    run.model.train()
+    while state.global_step < run.total_steps and not keeper.should_stop:
+        run.train_loader.set_epoch(state.epoch)  # the sampler's shuffle depends on seed + epoch only
+        batches = run.train_loader
+        if state.batches_in_epoch:  # resuming mid-epoch: skip what this epoch already trained on, once
+            batches = accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
+        for window in accumulation_windows(batches, cfg.gradient_accumulation_steps):
+            try:
+                stats = train_step(run.model, run.optimizer, run.scheduler, window, accelerator, cfg.max_grad_norm)
+            except NonFiniteLossError as err:
+                raise NonFiniteLossError(
+                    f"{err} at optimizer step {state.global_step + 1} (epoch {state.epoch + 1}); nothing from this step "
+                    "was applied or saved. Resume from the last checkpoint with a lower --learning_rate "
+                    "(--resume_from_checkpoint latest --learning_rate ...), keep --max_grad_norm on, or try "
+                    "--mixed_precision no") from None
+            state.global_step += 1
+            state.batches_in_epoch += len(window)
+            epoch_done = state.batches_in_epoch >= len(run.train_loader)  # its checkpoint comes below
+            meter.add(stats)
+            progress.update(1)
+            if state.global_step % cfg.log_every == 0 or state.global_step == run.total_steps:
+                log_progress(run, state, meter, progress)
+            with meter.paused():  # evaluation and checkpoints are not training time
+                if cfg.eval_every and state.global_step % cfg.eval_every == 0:
+                    evaluate_and_keep(run, state, keeper)
+                if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0 and not epoch_done:
+                    save_checkpoint(run, state)
+            if state.global_step >= run.total_steps or keeper.should_stop:
+                break
+        if state.batches_in_epoch >= len(run.train_loader):  # the epoch ran to its end: next epoch, from 0
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            with meter.paused():
+                if not cfg.eval_every:
+                    evaluate_and_keep(run, state, keeper)
+                save_checkpoint(run, state)
+    if meter.steps:  # steps since the last log line (early stopping)
+        log_progress(run, state, meter, progress)
+    progress.close()
 
 
-def save_checkpoint(accelerator, checkpoint_dir: Path, state: TrainState, keep: int) -> Path:
-    """Write a checkpoint atomically: into a temporary folder, then one rename.
-
-    A crash mid-write leaves only a '.incomplete_*' folder, which ``list_checkpoints`` ignores, so a
-    checkpoint that looks complete always is. Every process calls this (each saves its RNG state).
-    """
-    final = checkpoint_dir / f"step_{state.global_step:08d}"
-    temporary = checkpoint_dir / f".incomplete_{final.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (temporary / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(state)))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
-        for old in list_checkpoints(checkpoint_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(accelerator, path: Path, identity: dict) -> TrainState:
-    """Restore model adapter, optimizer, scheduler and RNG states; return the loop position."""
-    state_file = path / "trainer_state.json"
-    try:
-        state = TrainState(**json.loads(state_file.read_text()))
-    except (OSError, ValueError, TypeError) as err:
-        raise CheckpointError(f"checkpoint '{path}' is damaged ({type(err).__name__}: {err})") from None
-    changed = {k: (state.identity.get(k), v) for k, v in identity.items() if state.identity.get(k) != v}
-    if changed:
-        detail = ", ".join(f"{k}={old!r} there vs {new!r} now" for k, (old, new) in changed.items())
-        raise ConfigError(f"checkpoint '{path}' comes from a different run ({detail}); resume with the same "
-                          "settings, or start a fresh run in another --output_dir")
-    try:
-        accelerator.load_state(str(path))
-    except Exception as err:
-        raise CheckpointError(f"checkpoint '{path}' is damaged ({type(err).__name__}: {err})") from None
+def start_or_resume(run: Run) -> TrainState:
+    """A fresh state, or the one of the checkpoint ``--resume_from_checkpoint`` names."""
+    cfg = run.cfg
+    fresh = TrainState(identity=resume_identity(cfg))
+    if not cfg.resume_from_checkpoint:
+        return fresh
+    resumed = checkpointing.resume(run.accelerator, run.model, run.optimizer, run.scheduler, cfg.resume_from_checkpoint,
+                                   run.checkpoint_dir, lambda saved, path: check_resume_identity(cfg, saved, path),
+                                   on_moved=run.output.moved if run.accelerator.is_main_process else None)
+    if resumed is None:
+        return fresh
+    state, path = resumed
+    if run.accelerator.is_main_process:
+        run.output.restore_best(path / checkpointing.BEST_SUBDIR, run.best_dir)
+    changes = apply_resume_changes(run, state)
+    if changes:
+        run.accelerator.print(f"resumed with changed settings: {changes}")
+        state.history.append({"step": state.global_step, "epoch": state.epoch, "resumed_with_changes": changes})
     return state
 
 
-def resume(accelerator, cfg: TrainConfig, identity: dict) -> TrainState:
-    """``--resume_from_checkpoint latest|PATH``; a damaged 'latest' falls back to the one before."""
-    checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
-    if cfg.resume_from_checkpoint != "latest":
-        path = Path(cfg.resume_from_checkpoint)
-        if not (path / "trainer_state.json").is_file():
-            raise ConfigError(f"'{path}' is not a checkpoint folder (no trainer_state.json); pass one of "
-                              f"{[str(p) for p in list_checkpoints(checkpoint_dir)]} or 'latest'")
-        return load_checkpoint(accelerator, path, identity)
-    candidates = list_checkpoints(checkpoint_dir)
-    if not candidates:
-        accelerator.print(f"no checkpoint in {checkpoint_dir}: starting from scratch")
-        return TrainState(identity=identity)
-    for path in reversed(candidates):
-        try:
-            state = load_checkpoint(accelerator, path, identity)
-            accelerator.print(f"resumed from {path} (optimizer step {state.global_step}, epoch {state.epoch})")
-            return state
-        except CheckpointError as err:
-            accelerator.print(f"warning: {err}; trying the previous checkpoint")
-    raise CheckpointError(f"every checkpoint in {checkpoint_dir} is damaged; start over with --overwrite")
+def adjustable_settings(cfg: TrainConfig) -> dict:
+    """The settings that may change on resume and change what is trained: recorded in each checkpoint."""
+    return {"learning_rate": cfg.learning_rate, "max_grad_norm": cfg.max_grad_norm}
 
 
-# ----------------------------------------------------------------------------------------------
-# Throughput helpers
-# ----------------------------------------------------------------------------------------------
-
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12}
-
-
-def peak_bf16_flops(device_name: str) -> float | None:
-    """Dense bf16 peak of known GPUs, for model FLOPs utilisation (MFU); None when unknown."""
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
-
-
-def training_flops_per_token(total_params: int) -> float:
-    """2N for the forward pass + 2N for the backward pass through activations. The usual 6N also
-    counts 2N for weight gradients, which frozen base weights do not need."""
-    return 4.0 * total_params
-
-
-# ----------------------------------------------------------------------------------------------
-# The job
-# ----------------------------------------------------------------------------------------------
-
-
-def build_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import DynamoBackend
-
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    if cfg.report_to == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ConfigError("--report_to tensorboard needs the tensorboard package: pip install tensorboard") from None
-    # Started by torchrun / `accelerate launch --multi_gpu` on a machine without CUDA, Accelerate only
-    # forms a process group (gloo, MULTI_CPU) when told to run on the CPU; otherwise every process
-    # would silently train alone.
-    several_cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=several_cpu_processes, mixed_precision=precision, log_with=cfg.report_to,
-                       project_dir=cfg.output_dir,
-                       dynamo_backend=DynamoBackend.INDUCTOR if cfg.compile else DynamoBackend.NO)
-
-
-def load_data(cfg: TrainConfig) -> data.LabelledSplits:
-    """The run's train and eval splits, cleaned and checked (data.load_splits with the run's settings)."""
-    return data.load_splits(
-        cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column, eval_file=cfg.eval_file,
-        dataset_config=cfg.dataset_config, eval_split=cfg.eval_split, eval_size=cfg.eval_size,
-        num_labels=cfg.num_labels, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
-        max_eval_samples=cfg.max_eval_samples, drop_empty_texts=cfg.drop_empty_texts)
-
-
-def loader_options(cfg: TrainConfig, on_gpu: bool) -> dict:
-    """DataLoader settings that only pay off on a GPU: widths rounded to multiples of 8 (tensor-core
-    friendly shapes), worker processes that collate ahead, and pinned memory for faster copies."""
-    return dict(pad_to_multiple_of=8 if on_gpu else None,
-                num_workers=cfg.num_workers if cfg.num_workers is not None else (2 if on_gpu else 0),
-                pin_memory=on_gpu)
-
-
-def build_model(cfg: TrainConfig, label_names: list[str], pad_token_id: int):
-    """Pretrained model + new classification head + LoRA adapter, as the run's settings ask;
-    returns ``(model, head_modules)`` (the new modules, trained in full)."""
-    model, head_modules = lora_setup.load_base_model(cfg.model, label_names, pad_token_id,
-                                                     load_in_4bit=cfg.load_in_4bit)
-    lora_config = lora_setup.build_lora_config(
-        model, head_modules, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save, bias=cfg.lora_bias,
-        use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
-    return lora_setup.apply_lora(model, lora_config), head_modules
-
-
-def quiet_libraries() -> None:
-    """Keep the console for our own log: no per-library progress bars, no deprecation chatter."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+def apply_resume_changes(run: Run, state: TrainState) -> dict:
+    """Settings changed since the checkpoint (only RESUME_MAY_CHANGE ones get this far): a new peak
+    learning rate rescales the schedule from the current step on."""
+    now = adjustable_settings(run.cfg)
+    changes = {k: (old, now[k]) for k, old in state.adjustable.items() if now.get(k) != old}
+    if "learning_rate" in changes:
+        factor = run.scheduler.lr_lambdas[0](run.scheduler.last_epoch)
+        run.scheduler.base_lrs = [run.cfg.learning_rate] * len(run.optimizer.param_groups)
+        for group in run.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = run.cfg.learning_rate, run.cfg.learning_rate * factor
+        run.scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
+    return changes
 
 
 def train(cfg: TrainConfig) -> dict:
     """Run the whole job; returns the metrics also written to OUTPUT_DIR/metrics.json."""
-    from accelerate.utils import set_seed
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    from tqdm.auto import tqdm
-
-    quiet_libraries()
-    accelerator = build_accelerator(cfg)
-    log = accelerator.print  # prints on the main process only
-    set_seed(cfg.seed)
-    output_dir = Path(cfg.output_dir)
-    identity = {k: getattr(cfg, k) for k in RESUME_IDENTITY}
-    check_output_dir(cfg)  # on every process, so all of them stop together on a refusal
-    on_gpu = accelerator.device.type == "cuda"
-
-    # 2. Data -----------------------------------------------------------------------------------
-    tokenizer = lora_setup.load_tokenizer(cfg.model)
-    splits = load_data(cfg)
-    label_names = splits.label_names
-    log(f"data: {len(splits.train)} train / {len(splits.eval)} eval rows, labels {label_names}")
-    options = loader_options(cfg, on_gpu)
-    train_loader = data.build_dataloader(
-        data.tokenize(splits.train, tokenizer, cfg.max_length), tokenizer.pad_token_id, cfg.batch_size,
-        train=True, group_by_length=cfg.group_by_length, seed=cfg.seed, **options)
-    eval_loader = data.build_dataloader(
-        data.tokenize(splits.eval, tokenizer, cfg.max_length), tokenizer.pad_token_id, cfg.eval_batch_size,
-        train=False, **options)
-
-    # 3. Model + LoRA ---------------------------------------------------------------------------
-    model, head_modules = build_model(cfg, label_names, tokenizer.pad_token_id)
-    if cfg.fast_dropout:  # a third of a CPU training step went to drawing dropout masks (lora_setup.py)
-        lora_setup.use_fast_dropout(model, accelerator.device)
-    trainable, total = lora_setup.count_parameters(model)
-    log(f"model: {cfg.model}; new modules trained in full: {head_modules}; trainable parameters "
-        f"{trainable:,} of {total:,} ({100 * trainable / total:.2f} %)")
-
-    # Data and model are valid: only now claim the output dir, so a failed start leaves nothing there.
-    accelerator.wait_for_everyone()  # every process has checked the dir before anyone writes to it
-    if accelerator.is_main_process:
-        if cfg.overwrite and output_dir.exists():
-            shutil.rmtree(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    accelerator.wait_for_everyone()
-
-    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, fused=on_gpu)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    # After prepare, len(train_loader) is the number of micro-batches *this process* sees per epoch.
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, warmup_steps, total_steps)
-    accelerator.register_for_checkpointing(scheduler)
-    register_adapter_only_checkpointing(accelerator)
-    if cfg.report_to:
-        accelerator.init_trackers("lora-text-classification",
-                                  config={k: v for k, v in dataclasses.asdict(cfg).items() if v is not None and not isinstance(v, list)})
-
-    # 4. Baseline -------------------------------------------------------------------------------
-    baseline = evaluation.evaluate(model, eval_loader, accelerator, label_names)
+    run = setup(cfg)
+    accelerator, log = run.accelerator, run.accelerator.print  # prints on the main process only
+    baseline = evaluation.evaluate(run.model, run.eval_loader, accelerator, run.label_names)
     log(f"baseline (before training): accuracy {baseline['accuracy']:.4f}, f1 {baseline['f1']:.4f}")
+    state = start_or_resume(run)
+    state.adjustable = adjustable_settings(cfg)
+    keeper = checkpointing.BestAdapter(run.best_dir, cfg.metric_for_best, greater_is_better(cfg),
+                                       cfg.early_stopping_patience, run.output, run.tokenizer)
+    log(f"training: {run.total_steps} optimizer steps ({math.ceil(run.total_steps / run.steps_per_epoch)} epoch(s) of "
+        f"{run.steps_per_epoch}), {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation x "
+        f"{accelerator.num_processes} process(es) per step, precision {accelerator.mixed_precision}")
 
-    # 5. The loop -------------------------------------------------------------------------------
-    state = resume(accelerator, cfg, identity) if cfg.resume_from_checkpoint else TrainState(identity=identity)
-    checkpoint_dir, best_dir = output_dir / "checkpoints", output_dir / "best_adapter"
-    log(f"training: {total_steps} optimizer steps ({num_epochs} epoch(s) of {steps_per_epoch}), "
-        f"{cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation x {accelerator.num_processes} "
-        f"process(es) per step, warmup {warmup_steps}, precision {accelerator.mixed_precision}")
-    peak_flops = peak_bf16_flops(torch.cuda.get_device_name()) if on_gpu else None
-    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process)
-    logged = {"loss": 0.0, "steps": 0, "samples": 0, "tokens": 0, "seconds": 0.0}
-    model.train()
-    stop = False
+    fit(run, state, keeper)
+    if keeper.last_step != state.global_step and not keeper.should_stop:
+        evaluate_and_keep(run, state, keeper)  # the last steps must compete for "best" too
+    final = keeper.final_metrics(run, state)  # the best evaluation's weights, not merely the last ones
+    return finish(run, state, baseline, final)
 
-    last_eval = {"step": -1, "metrics": None}
 
-    def run_evaluation() -> None:
-        """Evaluate, keep the best adapter, count patience (every process runs this)."""
-        nonlocal stop
-        metrics = evaluation.evaluate(model, eval_loader, accelerator, label_names)
-        last_eval.update(step=state.global_step, metrics=metrics)
-        scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}
-        state.history.append({"step": state.global_step, "epoch": state.epoch, **scalars})
-        accelerator.log(scalars, step=state.global_step)
-        score = metrics[cfg.metric_for_best]
-        if state.best_metric is None or score > state.best_metric:
-            state.best_metric, state.evals_without_improvement = score, 0
-            if accelerator.is_main_process:
-                lora_setup.save_adapter(accelerator.unwrap_model(model), tokenizer, best_dir)
-        else:
-            state.evals_without_improvement += 1
-        log(f"eval at step {state.global_step}: {cfg.metric_for_best} {score:.4f} "
-            f"(best {state.best_metric:.4f}), loss {metrics['loss']:.4f}")
-        if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
-            log(f"early stopping: no improvement in {cfg.early_stopping_patience} evaluation(s)")
-            stop = True
-
-    while state.global_step < total_steps and not stop:
-        train_loader.set_epoch(state.epoch)  # the sampler's shuffle depends on seed + epoch only
-        batches = train_loader
-        if state.batches_in_epoch:  # resuming mid-epoch: skip what this epoch already trained on, once
-            batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-        for window in accumulation_windows(batches, cfg.gradient_accumulation_steps):
-            started = time.perf_counter()
-            try:
-                stats = train_step(model, optimizer, scheduler, window, accelerator, cfg.max_grad_norm)
-            except NonFiniteLossError as err:
-                raise NonFiniteLossError(
-                    f"{err} at optimizer step {state.global_step + 1} (epoch {state.epoch + 1}); nothing from "
-                    "this step was applied or saved. Lower --learning_rate, keep --max_grad_norm on, or try "
-                    "--mixed_precision no; the last checkpoint is intact") from None
-            elapsed = time.perf_counter() - started
-            state.global_step += 1
-            state.batches_in_epoch += len(window)
-            state.train_seconds += elapsed
-            state.samples_seen += stats["samples"]
-            state.tokens_seen += stats["tokens"]
-            for key in ("loss", "samples", "tokens"):
-                logged[key] += stats[key]
-            logged["steps"] += 1
-            logged["seconds"] += elapsed
-            progress.update(1)
-
-            if state.global_step % cfg.log_every == 0 or state.global_step == total_steps:
-                record = {"train/loss": logged["loss"] / logged["steps"], "train/lr": scheduler.get_last_lr()[0],
-                          "train/samples_per_s": logged["samples"] / logged["seconds"],
-                          "train/tokens_per_s": logged["tokens"] / logged["seconds"]}
-                if on_gpu:
-                    record["train/peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                    if peak_flops:
-                        record["train/mfu"] = (record["train/tokens_per_s"] * training_flops_per_token(total)
-                                               / (peak_flops * accelerator.num_processes))
-                accelerator.log(record, step=state.global_step)
-                progress.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/lr']:.2e}",
-                                     samples_s=f"{record['train/samples_per_s']:.1f}")
-                state.history.append({"step": state.global_step, "epoch": state.epoch, **record})
-                logged = dict.fromkeys(logged, 0)
-            if cfg.eval_every and state.global_step % cfg.eval_every == 0:
-                run_evaluation()
-            if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
-                save_checkpoint(accelerator, checkpoint_dir, state, cfg.keep_checkpoints)
-            if state.global_step >= total_steps or stop:
-                break
-        if state.batches_in_epoch >= len(train_loader):  # the epoch ran to its end
-            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-            if not cfg.eval_every:
-                run_evaluation()
-            save_checkpoint(accelerator, checkpoint_dir, state, cfg.keep_checkpoints)
-    progress.close()
-    if last_eval["step"] != state.global_step and not stop:
-        run_evaluation()  # the last steps must compete for "best" too
-
-    # 6. Results --------------------------------------------------------------------------------
-    # Keep the best evaluation's weights, not merely the last ones.
-    if last_eval["step"] == state.global_step and state.evals_without_improvement == 0:
-        final = last_eval["metrics"]  # the last evaluation was the best: no need to run it again
-    else:
-        accelerator.wait_for_everyone()
-        set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(best_dir / "adapter_model.safetensors"))
-        final = evaluation.evaluate(model, eval_loader, accelerator, label_names)
+def finish(run: Run, state: TrainState, baseline: dict, final: dict) -> dict:
+    """Save the adapter, metrics.json, report and plots (and the merged model if asked)."""
+    cfg, accelerator, output = run.cfg, run.accelerator, run.output
     results = {
-        "baseline": baseline, "final": final, "label_names": label_names, "history": state.history,
-        "trainable_parameters": trainable, "total_parameters": total, "trainable_share": trainable / total,
+        "baseline": baseline, "final": final, "label_names": run.label_names, "history": state.history,
+        "trainable_parameters": run.trainable_parameters, "total_parameters": run.total_parameters,
+        "trainable_share": run.trainable_parameters / run.total_parameters,
         "optimizer_steps": state.global_step, "train_seconds": state.train_seconds,
         "train_samples_per_s": state.samples_seen / max(state.train_seconds, 1e-9),
         "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
         "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
         "config": dataclasses.asdict(cfg),
     }
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        lora_setup.save_adapter(unwrapped, tokenizer, output_dir)
-        (output_dir / "metrics.json").write_text(json.dumps(results, indent=2))
-        evaluation.save_plots(output_dir, results)  # first: the report links the PNGs it finds
-        evaluation.write_report(output_dir, results)
-        if cfg.merge:
-            # A 4-bit base would round the merged weights to 4 bits: merge on the full-precision base.
-            to_merge = lora_setup.load_adapter(output_dir)[0] if cfg.load_in_4bit else unwrapped
-            lora_setup.merge_and_save(to_merge, tokenizer, output_dir / "merged")
-    log("\n" + evaluation.format_comparison(baseline, final, label_names))
-    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f} %); "
-        f"training {state.train_seconds:.0f} s, {results['train_samples_per_s']:.1f} samples/s; "
-        f"adapter and report.md saved to {output_dir}")
+    with output.recording(main=accelerator.is_main_process):
+        checkpointing.save_adapter(accelerator, run.model, run.tokenizer, output.path)
+        if accelerator.is_main_process:
+            (output.path / "metrics.json").write_text(json.dumps(results, indent=2))
+            evaluation.save_plots(output.path, results)  # first: the report links the PNGs it finds
+            evaluation.write_report(output.path, results)
+            if cfg.merge:
+                # A 4-bit base would round the merged weights to 4 bits: merge on the full-precision base.
+                to_merge = lora_setup.load_adapter(output.path)[0] if cfg.load_in_4bit else accelerator.unwrap_model(run.model)
+                lora_setup.merge_and_save(to_merge, run.tokenizer, output.path / "merged")
+    accelerator.log({}, step=state.global_step)
     accelerator.end_training()
+    if accelerator.is_main_process and (output.path / "logs").is_dir():
+        output.record(output.path / "logs")
+    accelerator.print("\n" + evaluation.format_comparison(baseline, final, run.label_names))
+    accelerator.print(f"trainable parameters: {run.trainable_parameters:,} of {run.total_parameters:,} "
+                      f"({100 * results['trainable_share']:.2f} %); training {state.train_seconds:.0f} s, "
+                      f"{results['train_samples_per_s']:.1f} samples/s; adapter and report.md saved to {output.path}")
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Entry point
+# ----------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         train(parse_config(argv))
-    except (ConfigError, data.DataError, lora_setup.ModelSetupError, CheckpointError) as err:
+    except (ConfigError, data.DataError, lora_setup.ModelSetupError, CheckpointError, run_dir.OutputDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

@@ -12,6 +12,7 @@ from torch.utils.data import BatchSampler
 
 import data
 import lora_setup
+import metering
 import train_loop
 
 
@@ -181,13 +182,13 @@ def test_prepared_loaders_on_two_processes_follow_set_epoch_together(tokenized, 
     ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA A10G", 125e12), ("Tesla T4", None), ("", None),
 ])
 def test_peak_bf16_flops_of_known_gpus(name, peak):
-    assert train_loop.peak_bf16_flops(name) == peak
+    assert metering.peak_bf16_flops(name) == peak
 
 
 def test_training_flops_per_token_counts_forward_and_activation_backward():
-    assert train_loop.training_flops_per_token(1_000_000) == 4_000_000
+    assert metering.training_flops_per_token(1_000_000) == 4_000_000
     # MFU as the loop computes it: achieved FLOP/s over the peak, a share in (0, 1] for sane inputs
-    mfu = 50_000 * train_loop.training_flops_per_token(110_000_000) / train_loop.peak_bf16_flops("H100")
+    mfu = 50_000 * metering.training_flops_per_token(110_000_000) / metering.peak_bf16_flops("H100")
     assert 0 < mfu < 1
 
 

@@ -13,6 +13,7 @@ import torch
 from conftest import tiny_args
 from safetensors.torch import load_file
 
+import checkpointing
 import train_loop
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,7 +26,7 @@ def adapter_weights(folder: Path) -> dict:
 def test_half_written_checkpoints_are_invisible(tmp_path):
     (tmp_path / "step_00000004").mkdir()
     (tmp_path / ".incomplete_step_00000008").mkdir()  # what a crash during save_checkpoint leaves
-    assert train_loop.list_checkpoints(tmp_path) == [tmp_path / "step_00000004"]
+    assert checkpointing.list_checkpoints(tmp_path) == [tmp_path / "step_00000004"]
 
 
 def start_slowed_run(args: list[str]) -> subprocess.Popen:
@@ -66,13 +67,13 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_model_d
     assert target.exists(), "the child run never reached its step-12 checkpoint"
     assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
     # Keep the two mid-epoch checkpoints (6 and 12), as if the kill came right after step 12 ...
-    for later in train_loop.list_checkpoints(killed / "checkpoints"):
+    for later in checkpointing.list_checkpoints(killed / "checkpoints"):
         if later.name > target.name:
             import shutil
 
             shutil.rmtree(later)
     # ... and damage the newest one: resume must report it and fall back to step 6.
-    (target / "adapter.safetensors").write_bytes(b"not a safetensors file")
+    (target / checkpointing.ADAPTER_FILE).write_bytes(b"not a safetensors file")
 
     assert train_loop.main(args + ["--resume_from_checkpoint", "latest"]) == 0
     out = capsys.readouterr().out
@@ -86,13 +87,13 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_model_d
     assert resumed_metrics["optimizer_steps"] == straight_metrics["optimizer_steps"] == 60
     assert resumed_metrics["final"] == straight_metrics["final"]
     assert not list((killed / "checkpoints").glob(".incomplete_*"))
-    assert len(train_loop.list_checkpoints(killed / "checkpoints")) <= 20
+    assert len(checkpointing.list_checkpoints(killed / "checkpoints")) <= 20
 
     # A checkpoint of this run cannot be resumed under another LoRA config.
     other = tiny_args(tiny_model_dir("bert"), tiny_csv, tmp_path / "other", *common, "--lora_r", "8",
                       "--resume_from_checkpoint", str(straight / "checkpoints" / "step_00000060"))
     assert train_loop.main(other) == 2
-    assert "comes from a different run (lora_r=4 there vs 8 now)" in capsys.readouterr().err
+    assert "comes from a run with other settings (lora_r=4 there vs 8 now)" in capsys.readouterr().err
 
 
 def test_resume_latest_without_checkpoints_starts_fresh(tiny_model_dir, tiny_csv, tmp_path, capsys):
@@ -117,7 +118,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_earlier_checkpoints(
     assert train_loop.main(tiny_args(tiny_model_dir("bert"), tiny_csv, out, "--checkpoint_every", "2")) == 1
     err = capsys.readouterr().err
     assert "loss is nan at optimizer step 5 (epoch 1)" in err and "Traceback" not in err
-    assert [p.name for p in train_loop.list_checkpoints(out / "checkpoints")] == ["step_00000002", "step_00000004"]
+    assert [p.name for p in checkpointing.list_checkpoints(out / "checkpoints")] == ["step_00000002", "step_00000004"]
     assert not (out / "metrics.json").exists()
 
 
@@ -126,8 +127,10 @@ def test_checkpoints_every_n_steps_keep_the_last_k(tiny_model_dir, tiny_csv, tmp
     args = tiny_args(tiny_model_dir("bert"), tiny_csv, out, "--max_steps", "7", "--checkpoint_every", "2",
                      "--keep_checkpoints", "2")
     assert train_loop.main(args) == 0
-    kept = train_loop.list_checkpoints(out / "checkpoints")
+    kept = checkpointing.list_checkpoints(out / "checkpoints")
     assert [p.name for p in kept] == ["step_00000004", "step_00000006"]
     state = json.loads((kept[-1] / "trainer_state.json").read_text())
     assert (state["global_step"], state["epoch"], state["batches_in_epoch"]) == (6, 0, 6)
-    assert {"adapter.safetensors", "optimizer.bin", "random_states_0.pkl"} <= {p.name for p in kept[-1].iterdir()}
+    assert {"adapter_model.safetensors", "optimizer.safetensors", "optimizer.json", "rng_state_0.safetensors",
+            "trainer_state.json"} <= {p.name for p in kept[-1].iterdir()}
+    assert not [p for p in kept[-1].rglob("*") if p.suffix in (".pkl", ".bin", ".pt")]  # nothing to unpickle

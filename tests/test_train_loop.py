@@ -251,9 +251,9 @@ def test_output_dir_holding_a_run_is_protected(tiny_model_dir, tiny_csv, tmp_pat
     assert train_loop.main(args) == 0
     saved = (out / "adapter_model.safetensors").read_bytes()
     assert train_loop.main(args) == 2
-    assert "already holds this run" in capsys.readouterr().err
+    assert "already holds a run (with the same settings)" in capsys.readouterr().err
     assert train_loop.main(args + ["--lora_r", "8"]) == 2
-    assert "holds a different run (lora_r=4 there vs 8 now)" in capsys.readouterr().err
+    assert "already holds a run (with lora_r=4 there vs 8 now)" in capsys.readouterr().err
     assert (out / "adapter_model.safetensors").read_bytes() == saved  # nothing lost
     assert train_loop.main(args + ["--lora_r", "8", "--overwrite"]) == 0
     assert json.loads((out / "run_config.json").read_text())["lora_r"] == 8

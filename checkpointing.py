@@ -1,0 +1,444 @@
+"""Checkpoints: everything a run needs to continue exactly where it stopped, written without pickle.
+
+A checkpoint is a folder ``OUTPUT_DIR/checkpoints/step_00000012`` holding:
+
+  adapter_model.safetensors   the trained weights: LoRA matrices + the new head (the frozen base never changes,
+  adapter_config.json         so it is never written); the same PEFT format as the final adapter
+  best/                       the best adapter so far (same format), so the run's "best" survives a resume
+  optimizer.safetensors       AdamW's moment tensors ...
+  optimizer.json              ... and its param groups and step counts
+  rng_state_<rank>.safetensors  each process's random generators (Python, NumPy, torch CPU and CUDA): the
+                              dropout masks after a resume are the ones the uninterrupted run would draw
+  trainer_state.json          the loop's position (optimizer step, epoch, micro-batches consumed in it), the
+                              LR scheduler's few numbers, the best metric, the history, the run's settings
+
+Why not ``accelerator.save_state``: it stores the scheduler and RNG states as pickles and loads them with
+``weights_only=False``, so a planted file would run code on resume. Here every tensor goes through
+safetensors and everything else through JSON: loading a checkpoint can never execute anything.
+
+Writes are atomic: a checkpoint is assembled under ``.incomplete_step_*`` and renamed when complete, so
+a crash never leaves a folder that looks complete. Resuming from an older checkpoint by path starts a
+new *line*: the newer checkpoints of the abandoned line are moved aside (never deleted), so ``latest``
+always continues the line the user chose last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import DistributedType
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+import lora_setup
+
+CHECKPOINT_PREFIX = "step_"
+INCOMPLETE_PREFIX = ".incomplete_"
+ABANDONED_DIR = "abandoned"
+STATE_FILE = "trainer_state.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+BEST_SUBDIR = "best"
+OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be resumed from; the message says why."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to carry on exactly where it stopped."""
+
+    global_step: int = 0  # optimizer steps done (not micro-batches)
+    epoch: int = 0  # epoch in progress
+    batches_in_epoch: int = 0  # micro-batches of that epoch already consumed, per process
+    best_metric: float | None = None
+    best_step: int | None = None  # the optimizer step whose adapter is OUTPUT_DIR/best_adapter
+    evals_without_improvement: int = 0
+    train_seconds: float = 0.0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    history: list = field(default_factory=list)
+    identity: dict = field(default_factory=dict)  # the settings that must match on resume (train_loop)
+    scheduler: dict = field(default_factory=dict)  # the LR scheduler's state_dict (plain numbers)
+    adjustable: dict = field(default_factory=dict)  # learning rate and clipping, which a resume may change
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter weights under every backend
+# ----------------------------------------------------------------------------------------------
+
+
+def gather_full_state(accelerator, model) -> dict | None:
+    """The model's full state dict on the main process (``None`` elsewhere). Every process must call this.
+
+    Under FSDP each process holds a shard and under DeepSpeed ZeRO-3 a partition of every parameter, so
+    reading ``model.state_dict()`` on the main process alone would save a shard or empty tensors (the
+    known peft#453 / accelerate#3732 failures). Accelerate's ``get_state_dict`` gathers collectively.
+    """
+    full = accelerator.get_state_dict(model)
+    return full if accelerator.is_main_process else None
+
+
+def adapter_weights(accelerator, model, full_state: dict) -> dict:
+    """The adapter + head part of a full state dict, under PEFT's saved key names, on the CPU."""
+    adapter = get_peft_model_state_dict(accelerator.unwrap_model(model), state_dict=full_state)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter.items()}
+
+
+def save_adapter(accelerator, model, tokenizer, folder: Path) -> None:
+    """The PEFT adapter folder (``AutoPeftModelForSequenceClassification.from_pretrained(folder)``
+    reloads it), gathered from every process and written by the main one. Every process calls this."""
+    full = gather_full_state(accelerator, model)
+    if accelerator.is_main_process:
+        lora_setup.save_adapter(accelerator.unwrap_model(model), tokenizer, folder, state_dict=full)
+    accelerator.wait_for_everyone()
+
+
+def load_adapter_weights(accelerator, model, weights: dict) -> None:
+    """Put saved adapter + head weights (PEFT's saved key names) back into the prepared ``model``."""
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # Sharded parameters take a full state dict through torch's distributed-checkpoint helpers, keyed
+        # by the model's own parameter names: PEFT saves 'lora_A.weight' for 'lora_A.default.weight'.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        renamed = {_model_key(unwrapped, k): v for k, v in weights.items()}
+        set_model_state_dict(model, renamed, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        # ZeRO-3 partitions every parameter: gather the trainable ones, write on rank 0, re-partition.
+        trainable = [p for p in unwrapped.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=0):
+            if accelerator.is_main_process:
+                _set_adapter(unwrapped, weights)
+        return
+    _set_adapter(unwrapped, weights)
+
+
+def _set_adapter(peft_model, weights: dict) -> None:
+    result = set_peft_model_state_dict(peft_model, weights)
+    if result.unexpected_keys:
+        raise CheckpointError(f"adapter weights do not fit this model: {result.unexpected_keys[:3]}")
+
+
+def _model_key(peft_model, saved_key: str) -> str:
+    """The model parameter name that PEFT saved as ``saved_key`` (it strips the adapter name)."""
+    names = getattr(peft_model, "_saved_to_model_keys", None)
+    if names is None:
+        name = peft_model.active_adapter
+        names = {k.replace(f".{name}", "").replace(f"modules_to_save.{name}.", ""): k
+                 for k in peft_model.state_dict()}
+        names.update({k.replace(f"modules_to_save.{name}.", ""): k for k in peft_model.state_dict()
+                      if f"modules_to_save.{name}." in k})
+        peft_model._saved_to_model_keys = names
+    return names[saved_key]
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and RNG states as safetensors + JSON
+# ----------------------------------------------------------------------------------------------
+
+
+def _optimizer_state(accelerator, model, optimizer) -> dict:
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def save_optimizer(state_dict: dict, folder: Path) -> None:
+    """``optimizer.state_dict()`` split in two: tensors to safetensors, the rest (groups, scalars) to JSON."""
+    tensors, scalars = {}, {}
+    for param, values in state_dict["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param}/{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(param), {})[name] = value
+    save_file(tensors, folder / OPTIMIZER_TENSORS)
+    keys = {str(param): type(param).__name__ for param in state_dict["state"]}
+    (folder / OPTIMIZER_JSON).write_text(json.dumps(
+        {"param_groups": state_dict["param_groups"], "scalars": scalars, "keys": keys}))
+
+
+def load_optimizer(folder: Path) -> dict:
+    meta = json.loads((folder / OPTIMIZER_JSON).read_text())
+    cast = {key: int if kind == "int" else str for key, kind in meta["keys"].items()}
+    state = {cast[key](key): dict(meta["scalars"].get(key, {})) for key in meta["keys"]}
+    for name, tensor in load_file(folder / OPTIMIZER_TENSORS).items():
+        key, _, field_name = name.rpartition("/")
+        state[cast[key](key)][field_name] = tensor
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _restore_optimizer(accelerator, model, optimizer, state_dict: dict) -> None:
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer.optimizer, optim_state_dict=state_dict,
+                                 options=StateDictOptions(full_state_dict=True))
+        return
+    optimizer.load_state_dict(state_dict)
+
+
+def save_rng_state(path: Path) -> None:
+    """This process's generators: Python's and NumPy's as JSON metadata, torch's as byte tensors."""
+    numpy_state = np.random.get_state()
+    tensors = {"torch_cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = state
+    version, words, gauss = random.getstate()
+    metadata = {"python": json.dumps([version, list(words), gauss]),
+                "numpy": json.dumps([numpy_state[0], *map(float, numpy_state[2:])])}
+    save_file(tensors, path, metadata=metadata)
+
+
+def load_rng_state(path: Path) -> None:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    version, words, gauss = json.loads(metadata["python"])
+    name, position, has_gauss, cached = json.loads(metadata["numpy"])
+    random.setstate((version, tuple(words), gauss))
+    np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), int(position), int(has_gauss), cached))
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[f"torch_cuda_{i}"] for i in range(torch.cuda.device_count()) if f"torch_cuda_{i}" in tensors]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ----------------------------------------------------------------------------------------------
+# Save, list, load, resume
+# ----------------------------------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Half-written ones live under a '.incomplete_' name."""
+    if not checkpoint_dir.is_dir():
+        return []
+    return sorted(p for p in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+
+
+# DeepSpeed keeps its optimizer state inside its engine and saves it only as pickles.
+DEEPSPEED_REFUSAL = ("checkpoints cannot be written or resumed under DeepSpeed (its engine saves optimizer state only "
+                     "as pickles, which this tool never loads); drop --checkpoint_every/--resume_from_checkpoint, or "
+                     "use the FSDP or DDP config for a resumable run")
+
+
+def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState, checkpoint_dir: Path,
+                    keep: int, best_dir: Path | None = None, on_written=None) -> Path:
+    """Write a checkpoint atomically: into a temporary folder, then one rename. Every process calls this
+    (the weights are gathered collectively; each process saves its own RNG state).
+
+    ``on_written(paths_added, paths_removed)`` lets the caller keep its record of the files it wrote
+    (``run_dir.RunDir``): pruning old checkpoints only removes what that record says we wrote.
+    """
+    final = checkpoint_dir / checkpoint_name(state.global_step)
+    temporary = checkpoint_dir / f"{INCOMPLETE_PREFIX}{final.name}"
+    if accelerator.is_main_process:
+        if temporary.exists():
+            shutil.rmtree(temporary)  # our own leftover from a crash during this very save
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    full = gather_full_state(accelerator, model)
+    optimizer_state = _optimizer_state(accelerator, model, optimizer)
+    save_rng_state(temporary / f"rng_state_{accelerator.process_index}.safetensors")
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        save_file(adapter_weights(accelerator, model, full), temporary / ADAPTER_FILE)
+        unwrapped.peft_config[unwrapped.active_adapter].save_pretrained(temporary)
+        save_optimizer(optimizer_state, temporary)
+        if best_dir is not None and (best_dir / ADAPTER_FILE).is_file():
+            shutil.copytree(best_dir, temporary / BEST_SUBDIR)
+        state.scheduler = scheduler.state_dict()
+        state.scheduler.pop("lr_lambdas", None)  # functions; rebuilt from the settings
+        record = dataclasses.asdict(state) | {"num_processes": accelerator.num_processes}
+        (temporary / STATE_FILE).write_text(json.dumps(record))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # one checkpoint per step and line: an existing one means a bug, never overwrite it
+            raise CheckpointError(f"checkpoint '{final}' already exists; move it away and resume")
+        os.replace(temporary, final)
+        pruned = list_checkpoints(checkpoint_dir)[:-keep] if keep else []
+        if on_written:
+            on_written([final], pruned)  # the caller deletes the pruned ones it knows it wrote
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_state(path: Path) -> TrainState:
+    try:
+        record = json.loads((path / STATE_FILE).read_text())
+        record.pop("num_processes", None)
+        return TrainState(**record)
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint '{path}' is damaged ({type(err).__name__}: {err})") from None
+
+
+def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path) -> TrainState:
+    """Restore adapter, optimizer, scheduler and this process's RNG states; return the loop position.
+    Call ``verify`` first: it reads every file, so a damaged checkpoint is refused before anything changes."""
+    state = read_state(path)
+    try:
+        load_adapter_weights(accelerator, model, load_file(path / ADAPTER_FILE))
+        _restore_optimizer(accelerator, model, optimizer, load_optimizer(path))
+        scheduler.load_state_dict({**state.scheduler, "lr_lambdas": [None] * len(optimizer.param_groups)})
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise CheckpointError(f"checkpoint '{path}' does not fit this model ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    load_rng_state(path / f"rng_state_{accelerator.process_index}.safetensors")
+    return state
+
+
+def move_aside_newer(checkpoint_dir: Path, step: int) -> list[Path]:
+    """Move the checkpoints newer than ``step`` to ``checkpoints/abandoned/<time>/``: resuming from an
+    older checkpoint abandons them, and mixing them into the new line would let ``latest`` pick one."""
+    newer = [p for p in list_checkpoints(checkpoint_dir) if int(p.name[len(CHECKPOINT_PREFIX):]) > step]
+    if not newer:
+        return []
+    target = checkpoint_dir / ABANDONED_DIR / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for path in newer:
+        os.replace(path, target / path.name)
+        moved.append(target / path.name)
+    return moved
+
+
+def verify(path: Path, num_processes: int) -> TrainState:
+    """Read every file of a checkpoint (each process's RNG state included) without applying anything.
+
+    Every process runs the same check on the same files, so all of them take the same decision about
+    a damaged checkpoint: one process falling back to an older checkpoint alone would train alone."""
+    state = read_state(path)
+    saved_processes = json.loads((path / STATE_FILE).read_text()).get("num_processes", 1)
+    if saved_processes != num_processes:
+        raise CheckpointError(f"checkpoint '{path}' was written by {saved_processes} process(es) and this run has "
+                              f"{num_processes}; resume with {saved_processes} process(es): the position inside the "
+                              "epoch and the random generators are per process")
+    try:
+        load_file(path / ADAPTER_FILE)
+        load_optimizer(path)
+        for rank in range(num_processes):
+            rng_file = path / f"rng_state_{rank}.safetensors"
+            if not rng_file.is_file():
+                raise FileNotFoundError(f"{rng_file.name} is missing: a resume would draw other random numbers")
+            with safe_open(str(rng_file), framework="pt") as handle:
+                json.loads(handle.metadata()["python"])
+                [handle.get_tensor(k) for k in handle.keys()]
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+        raise CheckpointError(f"checkpoint '{path}' is damaged ({type(err).__name__}: {err})") from None
+    return state
+
+
+def resume(accelerator, model, optimizer, scheduler, request: str, checkpoint_dir: Path,
+           check_identity, on_moved=None) -> tuple[TrainState, Path] | None:
+    """``--resume_from_checkpoint latest|PATH``: restore the chosen checkpoint; ``None`` if there is none.
+
+    ``latest`` takes the newest complete checkpoint of this output dir, falling back to the one before
+    when it is damaged (and saying so). ``check_identity(saved_identity)`` raises when the checkpoint
+    comes from a run with other settings. Whatever was resumed from, newer checkpoints in this output
+    dir (the abandoned line, or damaged ones) are moved aside, so the next ``latest`` continues this line.
+    """
+    log = accelerator.print
+    if request == "latest":
+        candidates = list(reversed(list_checkpoints(checkpoint_dir)))
+        if not candidates:
+            log(f"no checkpoint in {checkpoint_dir}: starting from scratch")
+            return None
+    else:
+        path = Path(request).expanduser()
+        if not (path / STATE_FILE).is_file():
+            raise CheckpointError(f"'{path}' is not a checkpoint folder (no {STATE_FILE}); pass one of "
+                                  f"{[str(p) for p in list_checkpoints(checkpoint_dir)]} or 'latest'")
+        candidates = [path]
+    for path in candidates:
+        try:
+            state = verify(path, accelerator.num_processes)
+            check_identity(state.identity, path)
+            load_checkpoint(accelerator, model, optimizer, scheduler, path)
+            break
+        except CheckpointError as err:
+            if request != "latest":
+                raise
+            log(f"warning: {err}; trying the previous checkpoint")
+    else:
+        raise CheckpointError(f"every checkpoint in {checkpoint_dir} is damaged; nothing was changed. Move that folder "
+                              "away to start over (or --overwrite, which deletes this run's checkpoints and results)")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        moved = move_aside_newer(checkpoint_dir, state.global_step)
+        if moved:
+            log(f"resuming from step {state.global_step} starts a new line: moved the {len(moved)} newer checkpoint(s) "
+                f"aside to {moved[0].parent} (nothing deleted)")
+            if on_moved:
+                for new in moved:
+                    on_moved(checkpoint_dir / new.name, new)
+    accelerator.wait_for_everyone()
+    log(f"resumed from {path} (optimizer step {state.global_step}, epoch {state.epoch + 1})")
+    return state, path
+
+
+# ----------------------------------------------------------------------------------------------
+# The best adapter and early stopping
+# ----------------------------------------------------------------------------------------------
+
+
+class BestAdapter:
+    """Keeps the adapter of the best evaluation in ``folder`` and counts evaluations without
+    improvement (early stopping). Its numbers live in the ``TrainState``, so they survive a resume."""
+
+    def __init__(self, folder: Path, metric: str, greater_is_better: bool, patience: int, output, tokenizer):
+        self.folder, self.metric, self.greater, self.patience = folder, metric, greater_is_better, patience
+        self.output, self.tokenizer = output, tokenizer
+        self.last_step, self.last_metrics, self.should_stop = None, None, False
+
+    def improves(self, score: float, best: float | None) -> bool:
+        return best is None or (score > best if self.greater else score < best)
+
+    def update(self, run, state: TrainState, metrics: dict) -> None:
+        """Every process calls this (saving the adapter gathers it from all of them)."""
+        score = metrics[self.metric]
+        self.last_step, self.last_metrics = state.global_step, metrics
+        if self.improves(score, state.best_metric):
+            state.best_metric, state.best_step, state.evals_without_improvement = score, state.global_step, 0
+            with self.output.recording(main=run.accelerator.is_main_process):
+                save_adapter(run.accelerator, run.model, self.tokenizer, self.folder)
+        else:
+            state.evals_without_improvement += 1
+        run.accelerator.print(f"eval at step {state.global_step}: {self.metric} {score:.4f} (best {state.best_metric:.4f} "
+                              f"at step {state.best_step}), loss {metrics['loss']:.4f}")
+        if self.patience and state.evals_without_improvement >= self.patience:
+            run.accelerator.print(f"early stopping: no improvement in {self.patience} evaluation(s)")
+            self.should_stop = True
+
+    def final_metrics(self, run, state: TrainState) -> dict:
+        """The best evaluation's metrics, with its weights loaded back into the model if they are not the
+        current ones (every process calls this)."""
+        if self.last_step == state.global_step and state.best_step == state.global_step:
+            return self.last_metrics  # the last evaluation was the best: no need to run it again
+        run.accelerator.wait_for_everyone()
+        load_adapter_weights(run.accelerator, run.model, load_file(self.folder / ADAPTER_FILE))
+        import eval as evaluation  # here, not at the top: eval.py imports nothing of ours, keep it that way
+
+        return evaluation.evaluate(run.model, run.eval_loader, run.accelerator, run.label_names)

@@ -351,16 +351,14 @@ def verify(path: Path, num_processes: int) -> TrainState:
     return state
 
 
-def resume(accelerator, model, optimizer, scheduler, request: str, checkpoint_dir: Path,
-           check_identity, on_moved=None) -> tuple[TrainState, Path] | None:
-    """``--resume_from_checkpoint latest|PATH``: restore the chosen checkpoint; ``None`` if there is none.
+def choose(request: str, checkpoint_dir: Path, num_processes: int, check_identity, log=print) -> Path | None:
+    """The checkpoint ``--resume_from_checkpoint latest|PATH`` means, checked but not loaded (``None``:
+    'latest' and no checkpoint yet). Read-only, so it runs before the output dir is claimed.
 
     ``latest`` takes the newest complete checkpoint of this output dir, falling back to the one before
-    when it is damaged (and saying so). ``check_identity(saved_identity)`` raises when the checkpoint
-    comes from a run with other settings. Whatever was resumed from, newer checkpoints in this output
-    dir (the abandoned line, or damaged ones) are moved aside, so the next ``latest`` continues this line.
+    when it is damaged (and saying so). ``check_identity(saved_identity, path)`` raises when the
+    checkpoint comes from a run with other settings.
     """
-    log = accelerator.print
     if request == "latest":
         candidates = list(reversed(list_checkpoints(checkpoint_dir)))
         if not candidates:
@@ -374,29 +372,32 @@ def resume(accelerator, model, optimizer, scheduler, request: str, checkpoint_di
         candidates = [path]
     for path in candidates:
         try:
-            state = verify(path, accelerator.num_processes)
-            check_identity(state.identity, path)
-            load_checkpoint(accelerator, model, optimizer, scheduler, path)
-            break
+            check_identity(verify(path, num_processes).identity, path)
+            return path
         except CheckpointError as err:
             if request != "latest":
                 raise
             log(f"warning: {err}; trying the previous checkpoint")
-    else:
-        raise CheckpointError(f"every checkpoint in {checkpoint_dir} is damaged; nothing was changed. Move that folder "
-                              "away to start over (or --overwrite, which deletes this run's checkpoints and results)")
+    raise CheckpointError(f"every checkpoint in {checkpoint_dir} is damaged; nothing was changed. Move that folder "
+                          "away to start over (or --overwrite, which deletes this run's checkpoints and results)")
+
+
+def resume(accelerator, model, optimizer, scheduler, path: Path, checkpoint_dir: Path, on_moved=None) -> TrainState:
+    """Load the checkpoint ``choose`` picked. Newer checkpoints in this output dir (an abandoned line, or
+    damaged ones) are then moved aside, so the next ``latest`` continues the line resumed here."""
+    state = load_checkpoint(accelerator, model, optimizer, scheduler, path)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         moved = move_aside_newer(checkpoint_dir, state.global_step)
         if moved:
-            log(f"resuming from step {state.global_step} starts a new line: moved the {len(moved)} newer checkpoint(s) "
-                f"aside to {moved[0].parent} (nothing deleted)")
-            if on_moved:
-                for new in moved:
+            accelerator.print(f"resuming from step {state.global_step} starts a new line: moved the {len(moved)} newer "
+                              f"checkpoint(s) aside to {moved[0].parent} (nothing deleted)")
+            for new in moved:
+                if on_moved:
                     on_moved(checkpoint_dir / new.name, new)
     accelerator.wait_for_everyone()
-    log(f"resumed from {path} (optimizer step {state.global_step}, epoch {state.epoch + 1})")
-    return state, path
+    accelerator.print(f"resumed from {path} (optimizer step {state.global_step}, epoch {state.epoch + 1})")
+    return state
 
 
 # ----------------------------------------------------------------------------------------------

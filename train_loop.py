@@ -356,6 +356,7 @@ class Run:
     total_steps: int
     trainable_parameters: int
     total_parameters: int
+    resume_from: Path | None = None  # the checkpoint to continue from, already checked
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -378,6 +379,11 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
                      inputs=[cfg.dataset, cfg.eval_file, cfg.model, cfg.resume_from_checkpoint],
                      describe_run=lambda path: describe_previous_run(cfg, path))
     check_metric_for_best(cfg)
+    resume_from = None
+    if cfg.resume_from_checkpoint:  # read-only: a refused resume leaves the output dir as it was
+        resume_from = checkpointing.choose(cfg.resume_from_checkpoint, output.path / "checkpoints",
+                                           accelerator.num_processes,
+                                           lambda saved, path: check_resume_identity(cfg, saved, path), accelerator.print)
     on_gpu = accelerator.device.type == "cuda"
 
     tokenizer = lora_setup.load_tokenizer(cfg.model)
@@ -403,7 +409,7 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
         accelerator.wait_for_everyone()  # every process has checked the dir before anyone writes to it
         if accelerator.is_main_process:
             output.claim(overwrite=cfg.overwrite)
-            output.write_text("run_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+            output.write_text("run_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))  # this run's settings
         accelerator.wait_for_everyone()
 
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, fused=on_gpu)
@@ -416,7 +422,7 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
         accelerator.init_trackers("lora-text-classification", config={
             k: v for k, v in dataclasses.asdict(cfg).items() if v is not None and not isinstance(v, list)})
     return Run(cfg, accelerator, output, tokenizer, splits.label_names, model, optimizer, scheduler, train_loader,
-               eval_loader, steps_per_epoch, total_steps, trainable, total)
+               eval_loader, steps_per_epoch, total_steps, trainable, total, resume_from)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,17 +614,12 @@ def fit(run: Run, state: TrainState, keeper: checkpointing.BestAdapter) -> None:
 def start_or_resume(run: Run) -> TrainState:
     """A fresh state, or the one of the checkpoint ``--resume_from_checkpoint`` names."""
     cfg = run.cfg
-    fresh = TrainState(identity=resume_identity(cfg))
-    if not cfg.resume_from_checkpoint:
-        return fresh
-    resumed = checkpointing.resume(run.accelerator, run.model, run.optimizer, run.scheduler, cfg.resume_from_checkpoint,
-                                   run.checkpoint_dir, lambda saved, path: check_resume_identity(cfg, saved, path),
-                                   on_moved=run.output.moved if run.accelerator.is_main_process else None)
-    if resumed is None:
-        return fresh
-    state, path = resumed
+    if run.resume_from is None:
+        return TrainState(identity=resume_identity(cfg))
+    state = checkpointing.resume(run.accelerator, run.model, run.optimizer, run.scheduler, run.resume_from,
+                                 run.checkpoint_dir, on_moved=run.output.moved)
     if run.accelerator.is_main_process:
-        run.output.restore_best(path / checkpointing.BEST_SUBDIR, run.best_dir)
+        run.output.restore_best(run.resume_from / checkpointing.BEST_SUBDIR, run.best_dir)
     changes = apply_resume_changes(run, state)
     if changes:
         run.accelerator.print(f"resumed with changed settings: {changes}")

@@ -110,6 +110,7 @@ class Meter:
         self.started = self.last_step = self.cpu_started = self.last_step_cpu = None
         self._forward_started = self._forward_ended = self._optimizer_started = None
         self.peak_rss = 0
+        self.total_parameters = lora_setup.count_parameters(model)[1]  # for MFU, as train_loop counts it
         self.extra = {}  # run-specific figures to report alongside
         self._running = threading.Event()
         self._sampler = None
@@ -199,6 +200,10 @@ class Meter:
         }
         if torch.cuda.is_available():
             result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            peak_flops = train_loop.peak_bf16_flops(torch.cuda.get_device_name())
+            if peak_flops:  # model FLOPs utilisation, defined as train_loop logs it (real tokens only)
+                result["mfu"] = (result["real_tokens_per_s"] * train_loop.training_flops_per_token(self.total_parameters)
+                                 / peak_flops)
         return {**result, **self.extra}
 
 
@@ -501,6 +506,7 @@ COLUMNS = [  # (header, row key, format)
     ("real tokens/s", "real_tokens_per_s", "{:.0f}"),
     ("real-token share", "real_token_share", "{:.1%}"),
     ("peak memory (MB)", "peak_memory_mb", "{:.0f}"),
+    ("MFU", "mfu", "{:.2%}"),  # GPU only: model FLOPs / (time x the card's bf16 peak)
     ("train s", "train_seconds", "{:.1f}"),
     ("wall s", "wall_seconds", "{:.1f}"),
     ("accuracy", "accuracy", "{:.2%}"),

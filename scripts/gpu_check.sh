@@ -75,6 +75,8 @@ KIT=${KIT:-gpu_kit}
 step kit-unpack 90 cpu $PY scripts/gpu_kit.py unpack --kit "$KIT" --into "$WORK"
 step kit-locate 60 cpu $PY scripts/gpu_kit.py locate --site "$WORK/site"
 
+step device-info 20 gpu nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+
 # 1. The GPU-only tests: bf16, fused AdamW, pinned workers, compile, MFU/peak memory, QLoRA, backends.
 step gpu-tests 180 gpu $PY -m pytest -q -ra tests/gpu --junitxml "$OUT_DIR/gpu_tests.xml"
 

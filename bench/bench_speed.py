@@ -95,14 +95,17 @@ class Meter:
 
     Peak memory is sampled inside the window only: process RSS by a background thread on CPU,
     ``torch.cuda.max_memory_allocated`` on GPU. (On GPU the split between phases is approximate, as
-    kernels run asynchronously; the total is exact, since every step ends with a synchronization.)
+    kernels run asynchronously. The total is exact: the window ends with a synchronization after the
+    last of ``total_steps`` steps. Steps in between are not synchronized, so each loop keeps whatever
+    overlap of host and GPU work it achieves: a sync per step would hide the cost of a loop's own syncs.)
     """
 
     PHASES = ("forward", "backward", "optimizer")
 
-    def __init__(self, model, sample_every_s: float = 0.02):
+    def __init__(self, model, total_steps: int, sample_every_s: float = 0.02):
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+        self.total_steps = total_steps
         self.sample_every_s = sample_every_s
         self.samples = self.padded_tokens = self.steps = 0
         self.real_tokens = []  # per-batch 0-d tensors, summed at the end: no device sync per step
@@ -110,6 +113,7 @@ class Meter:
         self.started = self.last_step = self.cpu_started = self.last_step_cpu = None
         self._forward_started = self._forward_ended = self._optimizer_started = None
         self.peak_rss = 0
+        self.total_parameters = lora_setup.count_parameters(model)[1]  # for MFU, as train_loop counts it
         self.extra = {}  # run-specific figures to report alongside
         self._running = threading.Event()
         self._sampler = None
@@ -161,6 +165,7 @@ class Meter:
 
     def start(self) -> None:
         if torch.cuda.is_available():
+            torch.cuda.synchronize()  # setup's queued GPU work is not the window's
             torch.cuda.reset_peak_memory_stats()
         self._running.set()
         self._sampler = threading.Thread(target=self._sample_rss, daemon=True)
@@ -169,8 +174,8 @@ class Meter:
         self.started = time.perf_counter()
 
     def step(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # GPU kernels run ahead of Python: count a step when it is done
+        if torch.cuda.is_available() and self.steps + 1 == self.total_steps:
+            torch.cuda.synchronize()  # GPU kernels run ahead of Python: the window ends when they are done
         self.steps += 1
         self.last_step = time.perf_counter()
         self.last_step_cpu = time.process_time()
@@ -199,6 +204,10 @@ class Meter:
         }
         if torch.cuda.is_available():
             result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            peak_flops = train_loop.peak_bf16_flops(torch.cuda.get_device_name())
+            if peak_flops:  # model FLOPs utilisation, defined as train_loop logs it (real tokens only)
+                result["mfu"] = (result["real_tokens_per_s"] * train_loop.training_flops_per_token(self.total_parameters)
+                                 / peak_flops)
         return {**result, **self.extra}
 
 
@@ -296,7 +305,7 @@ def run_our_loop(job: Job, group_by_length: bool, fast_dropout: bool = True, max
     max_steps = max_steps or cfg.max_steps
     model, optimizer, scheduler, loader = setup_our_loop(job, group_by_length, fast_dropout, max_steps)
     model.train()
-    meter = Meter(model)
+    meter = Meter(model, max_steps)
     meter.start()
     epoch = 0
     while meter.steps < max_steps:
@@ -343,7 +352,7 @@ def run_trainer(job: Job, group_by_length: bool):
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
 
     model = build_model(job)
-    meter = Meter(model)
+    meter = Meter(model, job.cfg.max_steps)
 
     class MeterCallback(TrainerCallback):
         """The Trainer's own events bound the timed window: loop start, end of each optimizer step."""
@@ -501,6 +510,7 @@ COLUMNS = [  # (header, row key, format)
     ("real tokens/s", "real_tokens_per_s", "{:.0f}"),
     ("real-token share", "real_token_share", "{:.1%}"),
     ("peak memory (MB)", "peak_memory_mb", "{:.0f}"),
+    ("MFU", "mfu", "{:.2%}"),  # GPU only: model FLOPs / (time x the card's bf16 peak)
     ("train s", "train_seconds", "{:.1f}"),
     ("wall s", "wall_seconds", "{:.1f}"),
     ("accuracy", "accuracy", "{:.2%}"),

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The whole GPU proof in one command (issue #11): every GPU path run once, and our loop's GPU figures
+# side by side with the Trainer's. GPU time is scarce, so every step is time-boxed and the whole check
+# fits BUDGET seconds (8 minutes on an H100); one hung step cannot eat the rest.
+#
+#   bash scripts/gpu_check.sh --kit gpu_kit            # on the GPU machine (the kit carried along)
+#   bash scripts/gpu_check.sh --dry-run                # anywhere: the plumbing, GPU steps "skipped: no CUDA"
+#
+# Options: --kit DIR (default gpu_kit; see scripts/gpu_kit.py), --out DIR (default $OUT, else
+# gpu_check_out), --budget SECONDS (default 480), --dry-run. Writes to the out dir: gpu_check.md (the
+# tables), gpu_check.json (every figure), logs/<step>.log, and the runs' metrics and bench results.
+# Exits non-zero if any step failed or ran out of time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+KIT="" OUT_DIR=${OUT:-gpu_check_out} BUDGET=480 DRY_RUN=0
+while (($#)); do
+  case $1 in
+    --kit) KIT=$2; shift 2 ;;
+    --out) OUT_DIR=$2; shift 2 ;;
+    --budget) BUDGET=$2; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    *) echo "usage: $0 [--kit DIR] [--out DIR] [--budget SECONDS] [--dry-run]" >&2; exit 2 ;;
+  esac
+done
+PY=${PYTHON:-python3}
+mkdir -p "$OUT_DIR/logs" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
+WORK=$(mktemp -d)  # unpacked kit and full training outputs (checkpoints stay here: only figures go to OUT)
+trap 'rm -rf "$WORK"' EXIT
+DEADLINE=$(( $(date +%s) + BUDGET ))
+: > "$OUT_DIR/steps.jsonl"
+export PYTHONPATH="$WORK/site:$ROOT" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
+
+CUDA=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+if ((!DRY_RUN && !CUDA)); then
+  echo "error: no CUDA GPU here; run with --dry-run to check the plumbing only" >&2
+  exit 2
+fi
+if ((DRY_RUN && !CUDA)); then SKIP_GPU="no CUDA"; elif ((DRY_RUN)); then SKIP_GPU="dry run"; else SKIP_GPU=""; fi
+
+# step NAME MAX_SECONDS gpu|cpu CMD...: runs CMD under `timeout` (its own cap, or what is left of the
+# budget if less), logs to logs/NAME.log and appends {name, status, seconds, limit_s} to steps.jsonl.
+step() {
+  local name=$1 cap=$2 kind=$3 status; shift 3
+  local left=$(( DEADLINE - $(date +%s) ))
+  (( cap > left )) && cap=$left
+  if [[ $kind == gpu && -n $SKIP_GPU ]]; then
+    status="skipped: $SKIP_GPU"
+  elif (( cap < 5 )); then
+    status="failed: no time left in the ${BUDGET} s budget"
+  fi
+  local started=$(date +%s%N) rc=0
+  if [[ -z ${status:-} ]]; then
+    echo "== $name (at most ${cap} s)"
+    timeout --kill-after=10 "$cap" "$@" > "$OUT_DIR/logs/$name.log" 2>&1 || rc=$?
+    case $rc in
+      0) status=passed ;;
+      124|137) status="failed: timed out after ${cap} s" ;;
+      *) status="failed: exit $rc (logs/$name.log)"; tail -n 5 "$OUT_DIR/logs/$name.log" ;;
+    esac
+  fi
+  local ms=$(( ($(date +%s%N) - started) / 1000000 ))
+  echo "   $name: $status ($(( ms / 1000 )) s)"
+  printf '{"name": "%s", "status": "%s", "seconds": %d.%03d, "limit_s": %d}\n' "$name" "$status" \
+    $(( ms / 1000 )) $(( ms % 1000 )) "$cap" >> "$OUT_DIR/steps.jsonl"
+}
+
+# 0. The kit: what this machine lacks (model, data, wheels), unpacked to $WORK/site. A dry run without
+# --kit builds a small offline one first (no wheels), which also runs the builder's size check.
+if [[ -z $KIT ]] && ((DRY_RUN)); then
+  KIT=$WORK/kit
+  step kit-build 120 cpu $PY scripts/gpu_kit.py build --out "$KIT" --no-wheels --imdb_rows 1000
+fi
+KIT=${KIT:-gpu_kit}
+step kit-unpack 90 cpu $PY scripts/gpu_kit.py unpack --kit "$KIT" --into "$WORK"
+step kit-locate 60 cpu $PY scripts/gpu_kit.py locate --site "$WORK/site"
+
+step device-info 20 gpu nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+
+# 1. The GPU-only tests: bf16, fused AdamW, pinned workers, compile, MFU/peak memory, QLoRA, backends.
+step gpu-tests 180 gpu $PY -m pytest -q -ra tests/gpu --junitxml "$OUT_DIR/gpu_tests.xml"
+
+# 2. The default job, unchanged (bf16 on this GPU), against the CPU run in the README.
+RUNS=$WORK/runs
+step default-job 150 gpu $PY train_loop.py --output_dir "$RUNS/default"
+
+# 3. The bench side by side: our loop vs Trainer defaults vs Trainer + group_by_length, same job
+# (RT, MiniLM, one epoch, batch 32, max length 128); then IMDB at max length 512 with batch 64.
+step bench-rt 150 gpu $PY bench/bench_speed.py --arms a b c d --output "$OUT_DIR/bench_rt.md"
+step bench-imdb 120 gpu $PY bench/bench_speed.py --dataset embedded:imdb --max_length 512 --batch_size 64 \
+  --arms a c d --output "$OUT_DIR/bench_imdb.md"
+
+# 4. QLoRA: the default job on a 4-bit base; then the adapter reloaded with plain PEFT (full-precision
+# base, as eval.py does) and evaluated.
+step qlora-job 150 gpu $PY train_loop.py --load_in_4bit --output_dir "$RUNS/qlora"
+step qlora-reload 60 gpu bash -c "$PY eval.py --adapter_dir '$RUNS/qlora' > '$OUT_DIR/qlora_reload.json'"
+
+for run in default qlora; do  # the figures, not the adapters and checkpoints
+  [[ -f $RUNS/$run/metrics.json ]] && mkdir -p "$OUT_DIR/$run" && cp "$RUNS/$run"/{metrics.json,report.md} "$OUT_DIR/$run/" 2>/dev/null
+done
+$PY scripts/gpu_report.py "$OUT_DIR"

@@ -1,0 +1,100 @@
+"""The GPU check's plumbing, on CPU: GPU time is too scarce to find a broken script there.
+
+The dry run builds a small kit (model + data, no wheels), unpacks it, checks that the embedded names
+resolve into it, and reports every GPU step as skipped; the flags the script passes are checked against
+the parsers, and the kit's size check and wheel stripping are tested on small files.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import gpu_kit  # noqa: E402
+import gpu_report  # noqa: E402
+
+CHECK = ROOT / "scripts" / "gpu_check.sh"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the dry run would still skip; run the real check")
+def test_dry_run_runs_the_kit_steps_and_skips_every_gpu_step(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(CHECK), "--dry-run", "--out", str(out)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable}, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    statuses = {s["name"]: s["status"] for s in report["steps"]}
+    assert {k: v for k, v in statuses.items() if k.startswith("kit-")} == dict.fromkeys(
+        ["kit-build", "kit-unpack", "kit-locate"], "passed")
+    gpu_steps = [k for k in statuses if not k.startswith("kit-")]
+    assert gpu_steps and all(statuses[k] == "skipped: no CUDA" for k in gpu_steps)
+    assert report["ok"] and (out / "gpu_check.md").is_file()
+    log = (out / "logs" / "kit-locate.log").read_text().splitlines()
+    located = json.loads(next(line for line in log if line.startswith("{")))
+    assert located["rt_eval_rows"] == 1000 and located["dtypes"] == ["torch.float32"]  # fp16 kit, fp32 again
+
+
+def test_without_cuda_and_without_dry_run_the_check_refuses_at_once(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = subprocess.run(["bash", str(CHECK), "--out", str(tmp_path)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable}, timeout=60)
+    assert result.returncode == 2 and "--dry-run" in result.stderr
+
+
+def script_flags(program: str) -> set[str]:
+    """The --flags that gpu_check.sh passes to ``program`` (continuation lines included)."""
+    text = CHECK.read_text().replace("\\\n", " ")
+    return {flag for line in text.splitlines() if program in line and not line.lstrip().startswith("#")
+            for flag in re.findall(r"\s(--[a-z_0-9]+)", line)}
+
+
+def test_the_flags_the_check_passes_exist():
+    """The GPU steps never run in CI: a renamed flag would otherwise first fail on the GPU machine."""
+    import train_loop
+
+    train_flags = set(train_loop.build_arg_parser()._option_string_actions)
+    bench_own = {"--arms", "--output", "--threads", "--repeats", "--untimed_warmup_steps"}  # bench_speed.parse_args
+    assert script_flags("train_loop.py") and script_flags("train_loop.py") <= train_flags
+    assert script_flags("bench_speed.py") and script_flags("bench_speed.py") <= train_flags | bench_own
+
+
+def test_size_check_fails_loudly_naming_the_biggest_files(tmp_path):
+    (tmp_path / "big.bin").write_bytes(b"\0" * (2 * 2**20))
+    (tmp_path / "small.txt").write_text("x")
+    assert gpu_kit.check_size(tmp_path, limit_mib=3) == 2 * 2**20 + 1
+    with pytest.raises(SystemExit, match=r"over the 1 MiB limit(.|\n)*big\.bin"):
+        gpu_kit.check_size(tmp_path, limit_mib=1)
+
+
+def test_stripped_wheel_keeps_the_cuda13_library_and_drops_the_rest_from_record(tmp_path):
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    names = ["bitsandbytes/__init__.py", "bitsandbytes/libbitsandbytes_cuda130.so",
+             "bitsandbytes/libbitsandbytes_cuda128.so", "bitsandbytes/libbitsandbytes_cpu.so"]
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name in names:
+            z.writestr(name, "x")
+        z.writestr("pkg-1.0.dist-info/RECORD", "".join(f"{n},sha256=x,1\n" for n in names))
+    gpu_kit.strip_wheel(wheel, tmp_path / "out.whl", lambda name: gpu_kit.BNB_KEEP.search(name))
+    with zipfile.ZipFile(tmp_path / "out.whl") as z:
+        kept = set(z.namelist())
+        record = z.read("pkg-1.0.dist-info/RECORD").decode()
+    assert "bitsandbytes/libbitsandbytes_cuda128.so" not in kept | set(record.split())
+    assert {names[0], names[1], names[3]} <= kept and record.count("\n") == 3
+
+
+def test_report_fails_on_a_failed_or_timed_out_step(tmp_path):
+    steps = [{"name": "kit-unpack", "status": "passed", "seconds": 1.0, "limit_s": 90},
+             {"name": "bench-rt", "status": "failed: timed out after 150 s", "seconds": 150.0, "limit_s": 150}]
+    (tmp_path / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    assert gpu_report.main([str(tmp_path)]) == 1
+    assert "FAILED" in (tmp_path / "gpu_check.md").read_text()

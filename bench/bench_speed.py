@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import lora_setup  # noqa: E402
+import metering  # noqa: E402
 import train_loop  # noqa: E402
 
 ARMS = {
@@ -204,9 +205,9 @@ class Meter:
         }
         if torch.cuda.is_available():
             result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            peak_flops = train_loop.peak_bf16_flops(torch.cuda.get_device_name())
+            peak_flops = metering.peak_bf16_flops(torch.cuda.get_device_name())
             if peak_flops:  # model FLOPs utilisation, defined as train_loop logs it (real tokens only)
-                result["mfu"] = (result["real_tokens_per_s"] * train_loop.training_flops_per_token(self.total_parameters)
+                result["mfu"] = (result["real_tokens_per_s"] * metering.training_flops_per_token(self.total_parameters)
                                  / peak_flops)
         return {**result, **self.extra}
 
@@ -282,17 +283,11 @@ def warmup_steps(cfg: train_loop.TrainConfig, max_steps: int) -> int:
 
 
 def setup_our_loop(job: Job, group_by_length: bool, fast_dropout: bool, max_steps: int):
-    """train_loop.train()'s setup for runs (a)/(b)/(e): ``(model, optimizer, scheduler, loader)``."""
-    cfg, accelerator = job.cfg, job.accelerator
-    loader = data.build_dataloader(job.train_tokens, job.tokenizer.pad_token_id, cfg.batch_size, train=True,
-                                   group_by_length=group_by_length, seed=cfg.seed, **job.loader_options())
-    model = build_model(job)
-    if fast_dropout:  # as train_loop.train() does by default (a no-op on GPU)
-        lora_setup.use_fast_dropout(model, accelerator.device)
-    optimizer = train_loop.build_optimizer(model, cfg.learning_rate, cfg.weight_decay, fused=job.on_gpu)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    scheduler = train_loop.build_scheduler(optimizer, cfg.lr_scheduler, warmup_steps(cfg, max_steps), max_steps)
-    return model, optimizer, scheduler, loader
+    """Runs (a)/(b)/(e) start exactly as ``train_loop.train()`` does: through ``train_loop.setup``, with
+    the arm's sampler and dropout, writing nothing. Returns ``(model, optimizer, scheduler, loader)``."""
+    cfg = dataclasses.replace(job.cfg, group_by_length=group_by_length, fast_dropout=fast_dropout, max_steps=max_steps)
+    run = train_loop.setup(cfg, claim_output_dir=False)
+    return run.model, run.optimizer, run.scheduler, run.train_loader
 
 
 def run_our_loop(job: Job, group_by_length: bool, fast_dropout: bool = True, max_steps: int | None = None):

@@ -7,20 +7,22 @@
 #   bash scripts/gpu_check.sh --dry-run                # anywhere: the plumbing, GPU steps "skipped: no CUDA"
 #
 # Options: --kit DIR (default gpu_kit; see scripts/gpu_kit.py), --out DIR (default $OUT, else
-# gpu_check_out), --budget SECONDS (default 480), --dry-run. Writes to the out dir: gpu_check.md (the
+# gpu_check_out), --budget SECONDS (default 480), --dry-run, --bundle (all but the two summaries in one
+# .tar.gz: the device tool brings back 8 files at most). Writes to the out dir: gpu_check.md (the
 # tables), gpu_check.json (every figure), logs/<step>.log, and the runs' metrics and bench results.
 # Exits non-zero if any step failed or ran out of time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-KIT="" OUT_DIR=${OUT:-gpu_check_out} BUDGET=480 DRY_RUN=0
+KIT="" OUT_DIR=${OUT:-gpu_check_out} BUDGET=480 DRY_RUN=0 BUNDLE=0
 while (($#)); do
   case $1 in
     --kit) KIT=$2; shift 2 ;;
     --out) OUT_DIR=$2; shift 2 ;;
     --budget) BUDGET=$2; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
-    *) echo "usage: $0 [--kit DIR] [--out DIR] [--budget SECONDS] [--dry-run]" >&2; exit 2 ;;
+    --bundle) BUNDLE=1; shift ;;
+    *) echo "usage: $0 [--kit DIR] [--out DIR] [--budget SECONDS] [--dry-run] [--bundle]" >&2; exit 2 ;;
   esac
 done
 PY=${PYTHON:-python3}
@@ -99,3 +101,11 @@ for run in default qlora; do  # the figures, not the adapters and checkpoints
   [[ -f $RUNS/$run/metrics.json ]] && mkdir -p "$OUT_DIR/$run" && cp "$RUNS/$run"/{metrics.json,report.md} "$OUT_DIR/$run/" 2>/dev/null
 done
 $PY scripts/gpu_report.py "$OUT_DIR"
+rc=$?
+# --bundle: the device tool brings back at most 8 files, so the two summaries stay loose and the rest
+# (logs, bench tables, the runs' metrics) goes into one archive.
+((BUNDLE)) || exit $rc
+tar czf "$WORK/details.tar.gz" -C "$OUT_DIR" --exclude gpu_check.md --exclude gpu_check.json .
+find "$OUT_DIR" -mindepth 1 ! -name gpu_check.md ! -name gpu_check.json -delete
+mv "$WORK/details.tar.gz" "$OUT_DIR/gpu_check_details.tar.gz"
+exit $rc

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, DynamoBackend, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, DynamoBackend, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 import checkpointing
@@ -282,6 +282,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     accelerator = Accelerator(
         cpu=several_cpu_processes, mixed_precision=precision, log_with=cfg.report_to,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
+        # Batches come from pinned memory on a GPU: copy them without making the CPU wait for the copy.
+        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
         dynamo_backend=DynamoBackend.INDUCTOR if cfg.compile else DynamoBackend.NO)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         check_deepspeed_settings(cfg, accelerator)

@@ -527,12 +527,9 @@ SPLIT_COLUMNS = [  # where the time of one optimizer step goes (see Meter)
 
 
 def markdown_table(rows: list[dict], columns) -> list[str]:
-    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |",
-             "|" + "|".join("---" if k == "label" else "---:" for _, k, _ in columns) + "|"]
-    for row in rows:
-        cells = [fmt.format(row[key]) if row.get(key) is not None else "-" for _, key, fmt in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    """``columns`` are (header, key, format) triples; a missing value shows as '-'."""
+    cells = [[fmt.format(row[key]) if row.get(key) is not None else "-" for _, key, fmt in columns] for row in rows]
+    return evaluation.markdown_table([header for header, _, _ in columns], cells).splitlines()
 
 
 def format_table(rows: list[dict], meta: dict) -> str:

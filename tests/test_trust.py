@@ -32,6 +32,13 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
+def checkpointed_run(model: str, csv: str, out: Path) -> tuple[Path, list[str]]:
+    """A finished 4-step run with checkpoints at steps 2 and 4; returns its output dir and flags."""
+    args = tiny_args(model, csv, out, "--max_steps", "4", "--checkpoint_every", "2", *FAST)
+    assert train_loop.main(args) == 0
+    return out, args
+
+
 @pytest.fixture
 def csv48(tmp_path):
     return str(write_csv(tmp_path / "reviews.csv", sentiment_rows(48)))
@@ -92,9 +99,7 @@ def test_overwrite_never_applies_to_the_working_home_or_parent_directory(tiny_mo
 
 
 def test_overwrite_with_resume_is_refused_and_deletes_nothing(tiny_model_dir, csv48, tmp_path, capsys):
-    out = tmp_path / "run"
-    args = tiny_args(tiny_model_dir(), csv48, out, "--max_steps", "4", "--checkpoint_every", "2", *FAST)
-    assert train_loop.main(args) == 0
+    out, args = checkpointed_run(tiny_model_dir(), csv48, tmp_path / "run")
     before = snapshot(out)
     capsys.readouterr()
     assert train_loop.main(args + ["--overwrite", "--resume_from_checkpoint", "latest"]) == 2
@@ -104,9 +109,7 @@ def test_overwrite_with_resume_is_refused_and_deletes_nothing(tiny_model_dir, cs
 
 def test_every_checkpoint_damaged_does_not_advise_overwrite_without_saying_what_it_deletes(
         tiny_model_dir, csv48, tmp_path, capsys):
-    out = tmp_path / "run"
-    args = tiny_args(tiny_model_dir(), csv48, out, "--max_steps", "4", "--checkpoint_every", "2", *FAST)
-    assert train_loop.main(args) == 0
+    out, args = checkpointed_run(tiny_model_dir(), csv48, tmp_path / "run")
     for checkpoint in (out / "checkpoints").glob("step_*"):
         (checkpoint / "trainer_state.json").write_text("{ damaged")
     capsys.readouterr()
@@ -155,9 +158,7 @@ class Planted:
 
 
 def test_planted_pickles_in_a_checkpoint_never_run(tiny_model_dir, csv48, tmp_path, capsys):
-    out = tmp_path / "run"
-    args = tiny_args(tiny_model_dir(), csv48, out, "--max_steps", "4", "--checkpoint_every", "2", *FAST)
-    assert train_loop.main(args) == 0
+    out, args = checkpointed_run(tiny_model_dir(), csv48, tmp_path / "run")
     checkpoint = out / "checkpoints" / "step_00000002"
     marker = tmp_path / "marker"
     names = ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl", "scaler.pt", "pytorch_model.bin"]
@@ -177,9 +178,7 @@ def test_planted_pickles_in_a_checkpoint_never_run(tiny_model_dir, csv48, tmp_pa
 
 
 def test_a_missing_rng_state_is_reported(tiny_model_dir, csv48, tmp_path, capsys):
-    out = tmp_path / "run"
-    args = tiny_args(tiny_model_dir(), csv48, out, "--max_steps", "4", "--checkpoint_every", "2", *FAST)
-    assert train_loop.main(args) == 0
+    out, args = checkpointed_run(tiny_model_dir(), csv48, tmp_path / "run")
     checkpoint = out / "checkpoints" / "step_00000002"
     (checkpoint / "rng_state_0.safetensors").unlink()
     capsys.readouterr()
@@ -244,9 +243,7 @@ def test_the_allow_list_is_output_logging_eval_cadence_and_what_a_nan_advises():
 
 
 def test_resume_with_another_eval_size_or_grouping_is_refused(tiny_model_dir, csv48, tmp_path, capsys):
-    out = tmp_path / "run"
-    args = tiny_args(tiny_model_dir(), csv48, out, "--max_steps", "4", "--checkpoint_every", "2", *FAST)
-    assert train_loop.main(args) == 0
+    out, args = checkpointed_run(tiny_model_dir(), csv48, tmp_path / "run")
     before = snapshot(out)
     capsys.readouterr()
     for change in (["--eval_size", "20"], ["--no-group_by_length"]):

@@ -113,7 +113,8 @@ def load_adapter_weights(accelerator, model, weights: dict) -> None:
         # by the model's own parameter names: PEFT saves 'lora_A.weight' for 'lora_A.default.weight'.
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        renamed = {_model_key(unwrapped, k): v for k, v in weights.items()}
+        model_keys = _model_keys(unwrapped)
+        renamed = {model_keys[k]: v for k, v in weights.items()}
         set_model_state_dict(model, renamed, options=StateDictOptions(full_state_dict=True, strict=False))
         return
     if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
@@ -134,17 +135,18 @@ def _set_adapter(peft_model, weights: dict) -> None:
         raise CheckpointError(f"adapter weights do not fit this model: {result.unexpected_keys[:3]}")
 
 
-def _model_key(peft_model, saved_key: str) -> str:
-    """The model parameter name that PEFT saved as ``saved_key`` (it strips the adapter name)."""
-    names = getattr(peft_model, "_saved_to_model_keys", None)
-    if names is None:
-        name = peft_model.active_adapter
-        names = {k.replace(f".{name}", "").replace(f"modules_to_save.{name}.", ""): k
-                 for k in peft_model.state_dict()}
-        names.update({k.replace(f"modules_to_save.{name}.", ""): k for k in peft_model.state_dict()
-                      if f"modules_to_save.{name}." in k})
-        peft_model._saved_to_model_keys = names
-    return names[saved_key]
+def _model_keys(peft_model) -> dict:
+    """``{key as PEFT saves it: the model's parameter name}``: PEFT drops the adapter name from LoRA keys
+    (``lora_A.default.weight`` -> ``lora_A.weight``) and the wrapper from trained-in-full modules
+    (``classifier.modules_to_save.default.weight`` -> ``classifier.weight``)."""
+    name = peft_model.active_adapter
+    saved = {}
+    for key in peft_model.state_dict():
+        if f"modules_to_save.{name}." in key:
+            saved[key.replace(f"modules_to_save.{name}.", "")] = key
+        elif f".{name}." in key:
+            saved[key.replace(f".{name}.", ".")] = key
+    return saved
 
 
 # ----------------------------------------------------------------------------------------------

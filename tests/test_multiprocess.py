@@ -63,6 +63,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(tiny_model_dir, tm
 # ---------------------------------------------------------------------------------------------------
 
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 
 import pytest  # noqa: E402
@@ -92,14 +93,15 @@ def launch_two_machines(args: list[str], cwd: Path) -> list[subprocess.Completed
     launchers = [subprocess.Popen(
         [ACCELERATE, "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
          "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), str(REPO / "train_loop.py"), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=run_env()) for rank in (0, 1)]
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=run_env(), start_new_session=True)
+        for rank in (0, 1)]
     results = []
     for rank, proc in enumerate(launchers):
         try:
             out, err = proc.communicate(timeout=300)
         except subprocess.TimeoutExpired:
-            for p in launchers:
-                p.kill()
+            for p in launchers:  # each launcher and the training process it started
+                os.killpg(p.pid, signal.SIGKILL)
             raise
         results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     for rank, result in enumerate(results):

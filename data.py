@@ -506,7 +506,13 @@ def build_dataloader(tokenized, pad_token_id: int, batch_size: int, *, train: bo
         return DataLoader(tokenized, batch_size=batch_size, sampler=sampler, **common)
     sampler = LengthGroupedSampler(lengths, batch_size, shuffle=True, group_by_length=group_by_length, seed=seed,
                                    num_processes=num_processes)
-    return DataLoader(TrainRows(tokenized), batch_sampler=GlobalBatchSampler(sampler), **common)
+    loader = DataLoader(TrainRows(tokenized), batch_sampler=GlobalBatchSampler(sampler), **common)
+    # A DataLoader built on a batch sampler reports batch_size None, and Accelerate's DeepSpeed setup
+    # refuses that when train_micro_batch_size_per_gpu is "auto" (it reads the loaders' batch_size).
+    # The per-process batch size is the honest answer; torch itself only reads batch_size without a
+    # batch sampler, and its setter guard is for users changing it after the fact, not for this.
+    object.__setattr__(loader, "batch_size", batch_size)
+    return loader
 
 
 def real_token_share(dataloader) -> float:

@@ -129,3 +129,10 @@ def test_one_process_keeps_the_previous_batches():
     batches = list(data.GlobalBatchSampler(data.LengthGroupedSampler(lengths, 8, seed=1, mega_batch_factor=4)))
     assert [i for b in batches for i in b] == order
     assert [len(b) for b in batches] == [8] * 12 + [4]
+
+
+def test_train_loader_reports_its_per_process_batch_size(tokenized_rows):
+    """Accelerate's DeepSpeed setup fills train_micro_batch_size_per_gpu="auto" from loader.batch_size."""
+    loader = data.build_dataloader(tokenized_rows, 0, 8, train=True, num_processes=2)
+    assert loader.batch_size == 8 and loader.batch_sampler.num_processes == 2
+    assert [len(b["labels"]) for b in loader][:2] == [8, 8]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -482,7 +483,7 @@ class TrainRows(torch.utils.data.Dataset):
 
 def build_dataloader(tokenized, pad_token_id: int, batch_size: int, *, train: bool, group_by_length: bool = True,
                      seed: int = 0, pad_to_multiple_of: int | None = None, num_workers: int = 0,
-                     pin_memory: bool = False, num_processes: int = 1) -> DataLoader:
+                     pin_memory: bool = False, num_processes: int | None = None) -> DataLoader:
     """One DataLoader over tokenized rows, with our sampler and dynamic-padding collator.
 
     ``batch_size`` is per process. For training, pass the number of processes that will share the loader
@@ -490,7 +491,12 @@ def build_dataloader(tokenized, pad_token_id: int, batch_size: int, *, train: bo
     ``batch_size * num_processes`` rows that do not depend on how many processes there are
     (``GlobalBatchSampler``). Evaluation loaders (``train=False``) keep a plain index sampler: Accelerate
     pads their last batch and ``gather_for_metrics`` drops the padding again.
+
+    ``num_processes=None`` reads ``WORLD_SIZE``, which ``accelerate launch`` and ``torchrun`` set in every
+    process (1 otherwise). Pass the data-parallel size explicitly when it differs (tensor/context parallel).
     """
+    if num_processes is None:
+        num_processes = int(os.environ.get("WORLD_SIZE", "1"))
     lengths = [len(ids) for ids in tokenized["input_ids"]]
     common = dict(
         collate_fn=Collator(pad_token_id, pad_to_multiple_of),

@@ -136,3 +136,11 @@ def test_train_loader_reports_its_per_process_batch_size(tokenized_rows):
     loader = data.build_dataloader(tokenized_rows, 0, 8, train=True, num_processes=2)
     assert loader.batch_size == 8 and loader.batch_sampler.num_processes == 2
     assert [len(b["labels"]) for b in loader][:2] == [8, 8]
+
+
+def test_process_count_defaults_to_the_launchers_world_size(tokenized_rows, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert data.build_dataloader(tokenized_rows, 0, 4, train=True).batch_sampler.num_processes == 4
+    monkeypatch.delenv("WORLD_SIZE")
+    assert data.build_dataloader(tokenized_rows, 0, 4, train=True).batch_sampler.num_processes == 1
+    assert data.build_dataloader(tokenized_rows, 0, 4, train=True, num_processes=2).batch_sampler.num_processes == 2

@@ -67,7 +67,7 @@ def reload_and_predict(job, output_dir: Path) -> list[list[int]]:
 
     cfg = train_loop.parse_config(job["args"](output_dir))
     splits = train_loop.load_data(cfg)
-    model, tokenizer = lora_setup.load_adapter(output_dir, device="cuda")
+    model, tokenizer = lora_setup.load_adapter(output_dir, device="cuda" if torch.cuda.is_available() else "cpu")
     rows = evaluation.predict(model, tokenizer, list(splits.eval["text"]), max_length=cfg.max_length)
     metrics = evaluation.compute_metrics(list(splits.eval["label"]), [r["label_id"] for r in rows], splits.label_names)
     return metrics["confusion_matrix"]

@@ -518,6 +518,9 @@ def build_dataloader(tokenized, pad_token_id: int, batch_size: int, *, train: bo
     # The per-process batch size is the honest answer; torch itself only reads batch_size without a
     # batch sampler, and its setter guard is for users changing it after the fact, not for this.
     object.__setattr__(loader, "batch_size", batch_size)
+    # And ``loader.sampler`` is our sampler (``loader.sampler.set_epoch(...)`` keeps working), not the
+    # unused SequentialSampler torch puts there; torch iterates the batch sampler only.
+    object.__setattr__(loader, "sampler", sampler)
     return loader
 
 

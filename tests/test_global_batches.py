@@ -135,6 +135,7 @@ def test_train_loader_reports_its_per_process_batch_size(tokenized_rows):
     """Accelerate's DeepSpeed setup fills train_micro_batch_size_per_gpu="auto" from loader.batch_size."""
     loader = data.build_dataloader(tokenized_rows, 0, 8, train=True, num_processes=2)
     assert loader.batch_size == 8 and loader.batch_sampler.num_processes == 2
+    assert loader.sampler is loader.batch_sampler.sampler  # loader.sampler.set_epoch reaches our sampler
     assert [len(b["labels"]) for b in loader][:2] == [8, 8]
 
 

@@ -411,21 +411,17 @@ class LengthGroupedSampler(Sampler[int]):
 
 
 def split_global_batch(rows: list[int], num_processes: int) -> list[list[int]]:
-    """Cut one global batch into ``num_processes`` per-process pieces, in order.
+    """Cut one global batch into ``num_processes`` per-process pieces: process k takes rows k, k+N, k+2N ...
 
-    A full global batch gives equal pieces. The partial last one is shared as evenly as possible (sizes
-    differ by at most one row). If it holds fewer rows than there are processes, the processes left
-    without a row get one *ignored* row instead (``~index``: a copy of a real row whose label becomes
-    ``IGNORED_LABEL``, see ``TrainRows``): an empty batch crashes the models' forward pass, and a
-    process that skipped the step would hang the others.
+    Dealt in turn, not in contiguous runs: a length-grouped global batch is sorted longest first, so every
+    piece gets rows of the same lengths (equal work per process, and each pads to about the width one
+    process would pad the whole batch to). The partial last batch is shared the same way (sizes differ by
+    at most one row). If it holds fewer rows than there are processes, the processes left without a row
+    get one *ignored* row instead (``~index``: a copy of a real row whose label becomes
+    ``IGNORED_LABEL``, see ``TrainRows``): an empty batch crashes the models' forward pass, and a process
+    that skipped the step would hang the others.
     """
-    base, extra = divmod(len(rows), num_processes)
-    pieces, start = [], 0
-    for rank in range(num_processes):
-        size = base + (rank < extra)
-        pieces.append(rows[start:start + size] if size else [~rows[0]])
-        start += size
-    return pieces
+    return [rows[rank::num_processes] or [~rows[0]] for rank in range(num_processes)]
 
 
 class GlobalBatchSampler:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -339,30 +340,46 @@ class Collator:
         return collate(examples, self.pad_token_id, self.pad_to_multiple_of)
 
 
+IGNORED_LABEL = -100  # F.cross_entropy's default ignore_index: a row with this label adds no loss, no gradient
+
+
 class LengthGroupedSampler(Sampler[int]):
-    """Yield dataset indices so that every run of ``batch_size`` consecutive indices has similar lengths.
+    """Yield dataset indices so that every run of ``batch_size * num_processes`` consecutive indices (one
+    *global* batch) holds rows of similar lengths.
 
     Padding is wasted compute: a batch costs as much as its longest row. We shuffle all rows, cut the
-    shuffle into "mega-batches" of ``batch_size * mega_batch_factor`` rows, sort each mega-batch by
-    length and slice it into batches, then shuffle the order of the batches. Batches stay random (the
-    model does not see short-then-long curricula) but each is nearly padding-free. The single partial
-    batch is kept last so the DataLoader's batch boundaries fall exactly on ours.
+    shuffle into "mega-batches" of ``global_batch_size * mega_batch_factor`` rows, sort each mega-batch by
+    length and slice it into global batches, then shuffle the order of the global batches. Batches stay
+    random (the model does not see short-then-long curricula) but each is nearly padding-free. The single
+    partial global batch is kept last.
+
+    Everything is computed from the global batch size (``batch_size * num_processes``), never from the
+    per-process one, so 1 process x batch 16 and 2 processes x batch 8 train on the same global batches
+    (the same sets of rows at every optimizer step): scaling out does not change what is trained.
+    ``GlobalBatchSampler`` cuts each global batch into the per-process pieces.
 
     The order depends only on ``seed + epoch`` (own generator, not the global RNG), so every process
-    computes the same order, Accelerate hands each process whole batches, and a resumed run replays
-    the exact same epoch. ``group_by_length=False`` gives a plain seeded shuffle; ``shuffle=False``
-    gives a fixed order (sorted by length when grouping, for fast evaluation).
+    computes the same order and a resumed run replays the exact same epoch. ``group_by_length=False``
+    gives a plain seeded shuffle; ``shuffle=False`` gives a fixed order (sorted by length when grouping,
+    for fast evaluation).
     """
 
     def __init__(self, lengths: list[int], batch_size: int, *, shuffle: bool = True, group_by_length: bool = True,
-                 seed: int = 0, mega_batch_factor: int = 50):
+                 seed: int = 0, mega_batch_factor: int = 50, num_processes: int = 1):
+        if batch_size < 1 or num_processes < 1:
+            raise ValueError(f"batch_size and num_processes must be >= 1 (got {batch_size}, {num_processes})")
         self.lengths = list(lengths)
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # per process
+        self.num_processes = num_processes
         self.shuffle = shuffle
         self.group_by_length = group_by_length
         self.seed = seed
         self.mega_batch_factor = mega_batch_factor
         self.epoch = 0
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.num_processes
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -381,27 +398,103 @@ class LengthGroupedSampler(Sampler[int]):
         if not self.group_by_length:
             yield from order
             return
-        mega = self.batch_size * self.mega_batch_factor
+        size = self.global_batch_size
+        mega = size * self.mega_batch_factor
         batches = []
         for start in range(0, n, mega):
             chunk = sorted(order[start:start + mega], key=self.lengths.__getitem__, reverse=True)
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        partial = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+            batches += [chunk[i:i + size] for i in range(0, len(chunk), size)]
+        partial = [batches.pop()] if len(batches[-1]) < size else []
         shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()] + partial
         for batch in shuffled:
             yield from batch
 
 
+def split_global_batch(rows: list[int], num_processes: int) -> list[list[int]]:
+    """Cut one global batch into ``num_processes`` per-process pieces: process k takes rows k, k+N, k+2N ...
+
+    Dealt in turn, not in contiguous runs: a length-grouped global batch is sorted longest first, so every
+    piece gets rows of the same lengths (equal work per process, and each pads to about the width one
+    process would pad the whole batch to). The partial last batch is shared the same way (sizes differ by
+    at most one row). If it holds fewer rows than there are processes, the processes left without a row
+    get one *ignored* row instead (``~index``: a copy of a real row whose label becomes
+    ``IGNORED_LABEL``, see ``TrainRows``): an empty batch crashes the models' forward pass, and a process
+    that skipped the step would hang the others.
+    """
+    return [rows[rank::num_processes] or [~rows[0]] for rank in range(num_processes)]
+
+
+class GlobalBatchSampler:
+    """Batch sampler: per-process batches cut from the global batches of a ``LengthGroupedSampler``.
+
+    It yields, for each global batch in turn, the piece of every process (process 0's first), which is
+    exactly how Accelerate's ``BatchSamplerShard`` deals batches out (batch i to process i % N). It has
+    no ``batch_size`` attribute on purpose: Accelerate then treats the batches as variable-sized and
+    neither drops nor tops up the partial last global batch with repeated rows (its ``even_batches``
+    padding), because the number of batches is always a multiple of ``num_processes``.
+    ``set_epoch`` reaches the inner sampler both directly and through Accelerate's wrappers
+    (``.sampler``).
+    """
+
+    def __init__(self, sampler: LengthGroupedSampler):
+        self.sampler = sampler
+
+    @property
+    def num_processes(self) -> int:
+        return self.sampler.num_processes
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.sampler.global_batch_size) * self.num_processes
+
+    def __iter__(self):
+        size = self.sampler.global_batch_size
+        order = list(self.sampler)
+        for start in range(0, len(order), size):
+            yield from split_global_batch(order[start:start + size], self.num_processes)
+
+
+class TrainRows(torch.utils.data.Dataset):
+    """Tokenized rows, plus ignored copies: index ``~i`` is row ``i`` with its label set to
+    ``IGNORED_LABEL`` (only ``split_global_batch`` asks for one, when a global batch has fewer rows than
+    there are processes). Count samples as ``labels != IGNORED_LABEL``."""
+
+    def __init__(self, tokenized):
+        self.rows = tokenized
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        real = [i if i >= 0 else ~i for i in indices]
+        getitems = getattr(self.rows, "__getitems__", None)
+        fetched = getitems(real) if getitems else [self.rows[i] for i in real]
+        return [row if i >= 0 else {**row, "labels": IGNORED_LABEL} for i, row in zip(indices, fetched)]
+
+
 def build_dataloader(tokenized, pad_token_id: int, batch_size: int, *, train: bool, group_by_length: bool = True,
                      seed: int = 0, pad_to_multiple_of: int | None = None, num_workers: int = 0,
-                     pin_memory: bool = False) -> DataLoader:
-    """One DataLoader over tokenized rows, with our sampler and dynamic-padding collator."""
+                     pin_memory: bool = False, num_processes: int | None = None) -> DataLoader:
+    """One DataLoader over tokenized rows, with our sampler and dynamic-padding collator.
+
+    ``batch_size`` is per process. For training, pass the number of processes that will share the loader
+    (``accelerator.num_processes``): the batches are then cut from global batches of
+    ``batch_size * num_processes`` rows that do not depend on how many processes there are
+    (``GlobalBatchSampler``). Evaluation loaders (``train=False``) keep a plain index sampler: Accelerate
+    pads their last batch and ``gather_for_metrics`` drops the padding again.
+
+    ``num_processes=None`` reads ``WORLD_SIZE``, which ``accelerate launch`` and ``torchrun`` set in every
+    process (1 otherwise). Pass the data-parallel size explicitly when it differs (tensor/context parallel).
+    """
+    if num_processes is None:
+        num_processes = int(os.environ.get("WORLD_SIZE", "1"))
     lengths = [len(ids) for ids in tokenized["input_ids"]]
-    sampler = LengthGroupedSampler(lengths, batch_size, shuffle=train, group_by_length=group_by_length, seed=seed)
-    return DataLoader(
-        tokenized,
-        batch_size=batch_size,
-        sampler=sampler,
+    common = dict(
         collate_fn=Collator(pad_token_id, pad_to_multiple_of),
         num_workers=num_workers,
         pin_memory=pin_memory,
@@ -410,6 +503,21 @@ def build_dataloader(tokenized, pad_token_id: int, batch_size: int, *, train: bo
         # shift the dropout masks whenever an iterator is created at a different moment (as on resume).
         generator=torch.Generator().manual_seed(seed),
     )
+    if not train:
+        sampler = LengthGroupedSampler(lengths, batch_size, shuffle=False, group_by_length=group_by_length, seed=seed)
+        return DataLoader(tokenized, batch_size=batch_size, sampler=sampler, **common)
+    sampler = LengthGroupedSampler(lengths, batch_size, shuffle=True, group_by_length=group_by_length, seed=seed,
+                                   num_processes=num_processes)
+    loader = DataLoader(TrainRows(tokenized), batch_sampler=GlobalBatchSampler(sampler), **common)
+    # A DataLoader built on a batch sampler reports batch_size None, and Accelerate's DeepSpeed setup
+    # refuses that when train_micro_batch_size_per_gpu is "auto" (it reads the loaders' batch_size).
+    # The per-process batch size is the honest answer; torch itself only reads batch_size without a
+    # batch sampler, and its setter guard is for users changing it after the fact, not for this.
+    object.__setattr__(loader, "batch_size", batch_size)
+    # And ``loader.sampler`` is our sampler (``loader.sampler.set_epoch(...)`` keeps working), not the
+    # unused SequentialSampler torch puts there; torch iterates the batch sampler only.
+    object.__setattr__(loader, "sampler", sampler)
+    return loader
 
 
 def real_token_share(dataloader) -> float:

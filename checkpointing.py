@@ -308,7 +308,16 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path) -> Tra
     except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as err:
         raise CheckpointError(f"checkpoint '{path}' does not fit this model ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''})") from None
-    load_rng_state(path / f"rng_state_{accelerator.process_index}.safetensors")
+    # Resumed on another number of processes (same global batch, so the same batches and weights), a
+    # process without an RNG file of its own keeps its seeded generator: its dropout masks differ.
+    rng_file = path / f"rng_state_{accelerator.process_index}.safetensors"
+    if rng_file.is_file():
+        load_rng_state(rng_file)
+    saved_processes = saved_process_count(path)
+    if saved_processes != accelerator.num_processes:
+        accelerator.print(f"note: checkpoint written by {saved_processes} process(es), resumed on "
+                          f"{accelerator.num_processes}: the same batches and optimizer state; the dropout masks are "
+                          "drawn per process, so with dropout on the weights differ slightly from an uninterrupted run")
     return state
 
 
@@ -327,21 +336,21 @@ def move_aside_newer(checkpoint_dir: Path, step: int) -> list[Path]:
     return moved
 
 
-def verify(path: Path, num_processes: int) -> TrainState:
+def saved_process_count(path: Path) -> int:
+    return json.loads((path / STATE_FILE).read_text()).get("num_processes", 1)
+
+
+def verify(path: Path) -> TrainState:
     """Read every file of a checkpoint (each process's RNG state included) without applying anything.
 
     Every process runs the same check on the same files, so all of them take the same decision about
     a damaged checkpoint: one process falling back to an older checkpoint alone would train alone."""
     state = read_state(path)
-    saved_processes = json.loads((path / STATE_FILE).read_text()).get("num_processes", 1)
-    if saved_processes != num_processes:
-        raise CheckpointError(f"checkpoint '{path}' was written by {saved_processes} process(es) and this run has "
-                              f"{num_processes}; resume with {saved_processes} process(es): the position inside the "
-                              "epoch and the random generators are per process")
+    saved_processes = saved_process_count(path)
     try:
         load_file(path / ADAPTER_FILE)
         load_optimizer(path)
-        for rank in range(num_processes):
+        for rank in range(saved_processes):
             rng_file = path / f"rng_state_{rank}.safetensors"
             if not rng_file.is_file():
                 raise FileNotFoundError(f"{rng_file.name} is missing: a resume would draw other random numbers")
@@ -353,7 +362,7 @@ def verify(path: Path, num_processes: int) -> TrainState:
     return state
 
 
-def choose(request: str, checkpoint_dir: Path, num_processes: int, check_identity, log=print) -> Path | None:
+def choose(request: str, checkpoint_dir: Path, check_identity, log=print) -> Path | None:
     """The checkpoint ``--resume_from_checkpoint latest|PATH`` means, checked but not loaded (``None``:
     'latest' and no checkpoint yet). Read-only, so it runs before the output dir is claimed.
 
@@ -374,7 +383,7 @@ def choose(request: str, checkpoint_dir: Path, num_processes: int, check_identit
         candidates = [path]
     for path in candidates:
         try:
-            check_identity(verify(path, num_processes).identity, path)
+            check_identity(verify(path).identity, path)
             return path
         except CheckpointError as err:
             if request != "latest":

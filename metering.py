@@ -53,23 +53,23 @@ class ThroughputMeter:
             self.excluded += time.perf_counter() - started
 
     def add(self, stats: dict) -> None:
-        """One optimizer step's ``train_step`` result (its loss may still be a device tensor)."""
+        """One optimizer step's ``train_step`` result (its counts are still device tensors)."""
         self.loss = self.loss + stats["loss"]
-        self.samples += stats["samples"]
-        self.tokens += stats["tokens"]
+        self.samples = self.samples + stats["samples"]
+        self.tokens = self.tokens + stats["tokens"]
         self.steps += 1
 
     def record(self, learning_rate: float) -> tuple[dict, dict]:
         """The log record since the last one, and the interval's totals (seconds, samples, tokens); then
         start over. Reading the summed loss and tokens is the interval's one host-device sync."""
         seconds = max(time.perf_counter() - self.started - self.excluded, 1e-9)
-        tokens = int(self.tokens)
+        samples, tokens = int(self.samples), int(self.tokens)
         record = {"train/loss": float(self.loss) / max(self.steps, 1), "train/lr": learning_rate,
-                  "train/samples_per_s": self.samples / seconds, "train/tokens_per_s": tokens / seconds}
+                  "train/samples_per_s": samples / seconds, "train/tokens_per_s": tokens / seconds}
         if self.on_gpu:
             record["train/peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if self.peak_flops:
                 record["train/mfu"] = record["train/tokens_per_s"] * self.flops_per_token / self.peak_flops
-        interval = {"seconds": seconds, "samples": self.samples, "tokens": tokens}
+        interval = {"seconds": seconds, "samples": samples, "tokens": tokens}
         self.reset()
         return record, interval

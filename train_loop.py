@@ -213,18 +213,30 @@ RESUME_MAY_CHANGE = ("output_dir", "overwrite", "resume_from_checkpoint", "log_e
                      "max_grad_norm")
 
 
-def resume_identity(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
+def resume_identity(cfg: TrainConfig, num_processes: int = 1) -> dict:
+    """The settings a checkpoint must share with the run resuming it. The per-process batch size is
+    replaced by the global batch: the batches depend on it alone (data.LengthGroupedSampler), so a
+    run may resume on another number of processes as long as the global batch stays the same."""
+    identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
+    identity["global_batch_size"] = identity.pop("batch_size") * num_processes
+    return identity
 
 
-def check_resume_identity(cfg: TrainConfig, saved: dict, path: Path) -> None:
+def check_resume_identity(cfg: TrainConfig, saved: dict, path: Path, num_processes: int = 1) -> None:
     """Refuse a checkpoint whose run had other settings, naming each difference."""
-    now = resume_identity(cfg)
+    now = resume_identity(cfg, num_processes)
     changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(now) | set(saved)) if saved.get(k) != now.get(k)}
-    if changed:
-        detail = ", ".join(f"{k}={old!r} there vs {new!r} now" for k, (old, new) in changed.items())
-        raise ConfigError(f"checkpoint '{path}' comes from a run with other settings ({detail}); resume with the same "
-                          "settings, or start a fresh run in another --output_dir")
+    if not changed:
+        return
+    detail = ", ".join(f"{k}={old!r} there vs {new!r} now" for k, (old, new) in changed.items())
+    hint = "resume with the same settings"
+    saved_global = saved.get("global_batch_size")
+    if "global_batch_size" in changed and isinstance(saved_global, int):
+        hint = (f"resume with --batch_size {saved_global // num_processes} on {num_processes} process(es)"
+                if saved_global % num_processes == 0 else
+                f"resume on a number of processes that divides the global batch of {saved_global}")
+    raise ConfigError(f"checkpoint '{path}' comes from a run with other settings ({detail}); {hint}, or start a "
+                      "fresh run in another --output_dir")
 
 
 def describe_previous_run(cfg: TrainConfig, path: Path) -> str:
@@ -233,7 +245,7 @@ def describe_previous_run(cfg: TrainConfig, path: Path) -> str:
         previous = json.loads((path / "run_config.json").read_text())
     except (OSError, ValueError):
         return ""
-    now = resume_identity(cfg)
+    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
     changed = [f"{k}={previous.get(k)!r} there vs {v!r} now" for k, v in now.items() if previous.get(k) != v]
     return f" (with {', '.join(changed)})" if changed else " (with the same settings)"
 
@@ -384,8 +396,9 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
     resume_from = None
     if cfg.resume_from_checkpoint:  # read-only: a refused resume leaves the output dir as it was
         resume_from = checkpointing.choose(cfg.resume_from_checkpoint, output.path / "checkpoints",
-                                           accelerator.num_processes,
-                                           lambda saved, path: check_resume_identity(cfg, saved, path), accelerator.print)
+                                           lambda saved, path: check_resume_identity(cfg, saved, path,
+                                                                                     accelerator.num_processes),
+                                           accelerator.print)
     on_gpu = accelerator.device.type == "cuda"
 
     tokenizer = lora_setup.load_tokenizer(cfg.model)
@@ -394,7 +407,8 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
     options = loader_options(cfg, on_gpu)
     train_loader = data.build_dataloader(
         data.tokenize(splits.train, tokenizer, cfg.max_length), tokenizer.pad_token_id, cfg.batch_size,
-        train=True, group_by_length=cfg.group_by_length, seed=cfg.seed, **options)
+        train=True, group_by_length=cfg.group_by_length, seed=cfg.seed, num_processes=accelerator.num_processes,
+        **options)
     eval_loader = data.build_dataloader(
         data.tokenize(splits.eval, tokenizer, cfg.max_length), tokenizer.pad_token_id, cfg.eval_batch_size,
         train=False, **options)
@@ -497,11 +511,16 @@ def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max
     The NaN guard runs before the last micro-batch's backward: under DeepSpeed that backward is where
     the engine clips and steps, so checking later would be too late for the weights.
 
-    Returns the window's true mean loss (all processes), its sample count and its real-token count (a
-    device tensor, read only when logging): nothing here waits for the GPU except the one NaN check.
+    Returns the window's true mean loss, sample count and real-token count, all processes together (the
+    counts stay device tensors, read only when logging): nothing here waits for the GPU except the one
+    NaN check.
     """
-    local_samples = sum(len(b["labels"]) for b in window)
-    window_samples = accelerator.reduce(torch.tensor(float(local_samples), device=accelerator.device), reduction="sum")
+    # Rows labelled IGNORED_LABEL are padding that keeps a process busy when a global batch has fewer rows
+    # than processes (data.GlobalBatchSampler): cross-entropy ignores them, and so must the counts.
+    real_rows = [b["labels"] != data.IGNORED_LABEL for b in window]
+    local = torch.stack([sum(r.sum() for r in real_rows),
+                         sum((b["attention_mask"].sum(1) * r).sum() for b, r in zip(window, real_rows))])
+    window_samples, window_tokens = accelerator.reduce(local.float(), reduction="sum")  # stays on the device
     scale = accelerator.num_processes / window_samples
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
@@ -523,8 +542,7 @@ def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    tokens = sum(b["attention_mask"].sum() for b in window)
-    return {"loss": mean_loss, "samples": local_samples * accelerator.num_processes, "tokens": tokens}
+    return {"loss": mean_loss, "samples": window_samples, "tokens": window_tokens}
 
 
 def engine_loss_divisor(accelerator) -> int:
@@ -617,7 +635,7 @@ def start_or_resume(run: Run) -> TrainState:
     """A fresh state, or the one of the checkpoint ``--resume_from_checkpoint`` names."""
     cfg = run.cfg
     if run.resume_from is None:
-        return TrainState(identity=resume_identity(cfg))
+        return TrainState(identity=resume_identity(cfg, run.accelerator.num_processes))
     state = checkpointing.resume(run.accelerator, run.model, run.optimizer, run.scheduler, run.resume_from,
                                  run.checkpoint_dir, on_moved=run.output.moved)
     if run.accelerator.is_main_process:

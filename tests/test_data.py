@@ -130,12 +130,12 @@ def test_missing_label_value(tmp_path):
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.csv"
     path.write_text("text,label\n")
-    with pytest.raises(data.DataError, match="split is empty.*holds no rows"):
+    with pytest.raises(data.DataError, match="train file .*empty.csv' holds no rows"):
         data.load_splits(str(path))
 
 
 def test_missing_file():
-    with pytest.raises(data.DataError, match="does not exist.*--dataset"):
+    with pytest.raises(data.DataError, match="train file '/nonexistent/reviews.csv' does not exist"):
         data.load_splits("/nonexistent/reviews.csv")
 
 

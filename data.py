@@ -305,8 +305,10 @@ def clean_label(value):
 
 
 def _listing(values) -> str:
-    shown = sorted(values, key=repr)
-    return repr(shown[:5])[:-1] + (", ...]" if len(shown) > 5 else "]")
+    """Up to five distinct values, numbers in numeric order, for a message (works for unhashable values)."""
+    distinct = {repr(v): v for v in values}
+    shown = sorted(distinct, key=lambda r: (0, distinct[r], "") if isinstance(distinct[r], int) else (1, 0, r))
+    return "[" + ", ".join(shown[:5]) + (", ...]" if len(shown) > 5 else "]")
 
 
 def label_names_for(train_labels: list, eval_labels: list, num_labels: int | None) -> list[str]:
@@ -315,42 +317,40 @@ def label_names_for(train_labels: list, eval_labels: list, num_labels: int | Non
     missing = sum(v is None for v in values)
     if missing:
         raise DataError(f"{missing} row(s) have no label; remove them or fill in the label column")
-    odd = {v for v in values if not isinstance(v, (int, str))}
+    odd = [v for v in values if not isinstance(v, (int, str))]
     if odd:
         raise DataError(f"labels must be integers 0..num_labels-1 or class-name strings; found {_listing(odd)}")
     ids, names = {v for v in values if isinstance(v, int)}, {v for v in values if isinstance(v, str)}
     if ids and names:
         raise DataError(f"the label column mixes class ids {_listing(ids)} with class names {_listing(names)}; "
                         "write every label one way: all integers 0..K-1 or all names")
-    if names:
-        by_fold = {}
-        for name in names:
-            by_fold.setdefault(name.casefold(), set()).add(name)
-        clash = next((sorted(group) for group in by_fold.values() if len(group) > 1), None)
-        if clash:
-            raise DataError(f"labels {clash} differ only in upper/lower case; spell each class one way in the data")
-        label_names = sorted(set(train_labels))
-    else:
-        count = num_labels or max(ids) + 1
-        bad = sorted(v for v in ids if v < 0 or v >= count)
-        if bad:
-            raise DataError(
-                f"label values {bad[:5]} are outside 0..{count - 1}"
-                + (" (a split without labels, such as GLUE's test split, uses -1: evaluate on its validation split)"
-                   if -1 in bad else "")
-                + ("; pass --num_labels with the real number of classes" if num_labels else "")
-                + "; labels must be integers 0..num_labels-1 or class-name strings")
-        label_names = [str(i) for i in range(count)]
-        never = sorted(set(range(count)) - set(train_labels))
-        if never and len(set(train_labels)) > 1:  # (a single class gets its own message, in load_splits)
-            raise DataError(f"class id(s) {never[:5]} never occur in the train split (ids found: "
-                            f"{_listing(set(train_labels))}); a class the head never trains on cannot be "
-                            "predicted: renumber the labels 0..K-1, or write them as class names")
+    by_fold = {}
+    for name in names:
+        by_fold.setdefault(name.casefold(), set()).add(name)
+    clash = next((sorted(group) for group in by_fold.values() if len(group) > 1), None)
+    if clash:
+        raise DataError(f"labels {clash} differ only in upper/lower case; spell each class one way in the data")
     unseen = set(eval_labels) - set(train_labels)
     if unseen:
         raise DataError(f"eval label(s) {_listing(unseen)} never occur in the train split, so the model cannot "
                         "learn them; add training rows of those classes or remove them from the eval data")
-    return label_names
+    if names:
+        return sorted(set(train_labels))
+    count = num_labels or max(ids) + 1
+    bad = sorted(v for v in ids if v < 0 or v >= count)
+    if bad:
+        raise DataError(
+            f"label values {bad[:5]} are outside 0..{count - 1}"
+            + (" (a split without labels, such as GLUE's test split, uses -1: evaluate on its validation split)"
+               if -1 in bad else "")
+            + ("; pass --num_labels with the real number of classes" if num_labels else "")
+            + "; labels must be integers 0..num_labels-1 or class-name strings")
+    never = sorted(set(range(count)) - set(train_labels))
+    if never and len(set(train_labels)) > 1:  # (a single class gets its own message, in load_splits)
+        raise DataError(f"class id(s) {never[:5]} never occur in the train split (ids found: "
+                        f"{_listing(set(train_labels))}); a class the head never trains on cannot be "
+                        "predicted: renumber the labels 0..K-1, or write them as class names")
+    return [str(i) for i in range(count)]
 
 
 def _check_class_label_values(ds, split: str, label_names: list[str]) -> None:
@@ -435,12 +435,13 @@ def load_splits(
     train = _select_columns(train, "train", text_column, label_column)
     if evaluation is not None:
         evaluation = _select_columns(evaluation, "eval", text_column, label_column)
-    for split, ds in (("train", train), ("eval", evaluation)):
-        if ds is not None and len(ds) == 0:
-            raise DataError(f"the {split} split is empty; give a dataset with labelled rows")
     train = _check_texts(train, "train", text_column, drop_empty_texts)
     if evaluation is not None:
         evaluation = _check_texts(evaluation, "eval", text_column, drop_empty_texts)
+    for split, ds in (("train", train), ("eval", evaluation)):
+        if ds is not None and len(ds) == 0:
+            raise DataError(f"the {split} split is empty{' after dropping empty texts' if drop_empty_texts else ''}; "
+                            "give a dataset with labelled rows")
 
     train, evaluation, label_names = _labelled(train, evaluation, num_labels, notes)
     # The same text on both sides of the split would inflate the eval score, so duplicates go first.

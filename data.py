@@ -132,20 +132,19 @@ def _load_file(path: str, split: str, notes: list[str]):
     if suffix not in LOCAL_FORMATS:
         raise DataError(f"cannot read {role} '{path}': use one of the formats {', '.join(sorted(LOCAL_FORMATS))}")
     options = {}
-    if suffix != ".parquet":
+    if suffix == ".parquet":  # binary: the parquet reader checks it
+        if not Path(path).is_file():
+            raise DataError(f"{role} '{path}' does not exist; check the path")
+    else:
         text = read_text_file(path, role)
         if not text.strip():
             raise DataError(f"{role} '{path}' is empty; give a file with a header and labelled rows")
-        if suffix == ".tsv":
-            options["delimiter"] = "\t"
-        elif suffix == ".csv":
-            options["delimiter"] = sniff_delimiter(text.splitlines()[0])
-            if options["delimiter"] != ",":
-                notes.append(f"{role} '{path}' is read with delimiter {options['delimiter']!r} (sniffed from its header)")
-        if suffix == ".csv" or suffix == ".tsv":
-            options["encoding"] = "utf-8-sig"  # else a byte-order mark sticks to the first column's name
-    elif not Path(path).is_file():
-        raise DataError(f"{role} '{path}' does not exist; check the path")
+        if suffix in (".csv", ".tsv"):
+            delimiter = "\t" if suffix == ".tsv" else sniff_delimiter(text.splitlines()[0])
+            if delimiter != "," and suffix == ".csv":
+                notes.append(f"{role} '{path}' is read with delimiter {delimiter!r} (sniffed from its header)")
+            # utf-8-sig: else a byte-order mark sticks to the first column's name
+            options = {"delimiter": delimiter, "encoding": "utf-8-sig"}
     try:
         return datasets.load_dataset(LOCAL_FORMATS[suffix], data_files={"train": path}, **options)["train"]
     except Exception as err:  # the parsers raise many different types; all mean "not this format"

@@ -225,9 +225,6 @@ def check_setting(name: str, value, source: str):
 
 def read_config_file(path: Path) -> dict:
     """The settings of a YAML or JSON config file, each checked against TrainConfig."""
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' " + ("is a directory" if path.is_dir() else "does not exist")
-                          + "; pass a YAML or JSON file to --config")
     try:
         import yaml
         text = data.read_text_file(path, "config file")
@@ -241,7 +238,7 @@ def read_config_file(path: Path) -> dict:
     if not isinstance(settings, dict):
         raise ConfigError(f"config file '{path}' must hold settings as `name: value` lines (a mapping), "
                           f"not a {type(settings).__name__}")
-    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(TrainConfig)})
+    unknown = sorted(map(str, set(settings) - {f.name for f in dataclasses.fields(TrainConfig)}))
     if unknown:
         raise ConfigError(f"config file '{path}' has unknown settings {unknown}; see --help for the names")
     return {name: check_setting(name, value, str(path)) for name, value in settings.items()}

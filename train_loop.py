@@ -161,6 +161,11 @@ def validate_config(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    from accelerate.utils import LoggerType
+
+    trackers = [t.value for t in LoggerType]  # "all" is one of them
+    if cfg.report_to is not None and cfg.report_to not in trackers:
+        raise ConfigError(f"--report_to must be one of {', '.join(trackers)} (got {cfg.report_to!r})")
 
 
 def _field_type(name: str) -> tuple[type, bool]:

@@ -96,6 +96,7 @@ TRAIN_ERRORS = [
     ("flag-max-steps-zero", flags("--max_steps", "0"), r"--max_steps must be a positive integer"),
     ("flag-scheduler", flags("--lr_scheduler", "exp"), r"--lr_scheduler must be linear, cosine or constant"),
     ("flag-bool-value", flags("--overwrite", "yes"), r"unrecognized arguments: yes"),
+    ("flag-unknown-tracker", flags("--report_to", "nonsense"), r"--report_to must be one of all, .*tensorboard"),
     ("text-column-is-label-column", flags("--text_column", "label"),
      r"--text_column and --label_column both name column 'label'.*--label_column"),
     ("eval-split-with-local-file", flags("--eval_split", "test"), r"--eval_split applies to Hub datasets.*--eval_file"),

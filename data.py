@@ -354,11 +354,12 @@ def label_names_for(train_labels: list, eval_labels: list, num_labels: int | Non
 
 def _check_class_label_values(ds, split: str, label_names: list[str]) -> None:
     """A split whose labels are already class ids (``datasets.ClassLabel``, as on the Hub): all in range."""
-    bad = sorted({v for v in ds["label"] if not 0 <= v < len(label_names)})
+    labels = list(ds["label"])
+    bad = sorted({v for v in labels if not 0 <= v < len(label_names)})
     if not bad:
         return
     if bad == [-1]:
-        raise DataError(f"the {split} split has no labels (every unlabelled row holds -1, as in GLUE's test "
+        raise DataError(f"the {split} split has {labels.count(-1)} unlabelled row(s) (label -1, as in GLUE's test "
                         "split); evaluate on a labelled split: --eval_split validation")
     raise DataError(f"{split} label values {bad[:5]} are outside 0..{len(label_names) - 1}; fix the labels "
                     "or evaluate on another split (--eval_split)")

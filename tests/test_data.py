@@ -217,5 +217,5 @@ def test_class_label_eval_split_without_labels_is_refused(monkeypatch):
     train = datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]}, features=features)
     test = datasets.Dataset.from_dict({"text": ["a b", "c d"], "label": [-1, -1]}, features=features)
     monkeypatch.setattr(data, "load_raw", lambda *args, **kwargs: (train, test))
-    with pytest.raises(data.DataError, match=r"the eval split has no labels.*--eval_split validation"):
+    with pytest.raises(data.DataError, match=r"the eval split has 2 unlabelled row\(s\).*--eval_split validation"):
         data.load_splits("glue/sst2", eval_split="test")

@@ -454,8 +454,18 @@ def eval_settings(args, run_config: dict, num_labels: int) -> dict:
     return {**settings, "num_labels": num_labels}
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one ``error:`` line and exit code 2 (via main), like every other refusal,
+    instead of its usage block."""
+
+    def error(self, message):
+        import data
+
+        raise data.DataError(f"{message}; see --help")
+
+
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(description="Evaluate a saved LoRA adapter, or predict labels for texts.")
+    parser = ArgumentParser(description="Evaluate a saved LoRA adapter, or predict labels for texts.")
     parser.add_argument("--adapter_dir", required=True, help="output dir of a training run (holds adapter_config.json)")
     parser.add_argument("--dataset", help="dataset to evaluate on (default: the run's own, from metrics.json)")
     parser.add_argument("--eval_file", help="separate eval file for a local --dataset")
@@ -476,8 +486,8 @@ def main(argv=None) -> int:
     import lora_setup
 
     data.quiet_libraries()
-    args = _parse_args(argv)
     try:
+        args = _parse_args(argv)
         check_args(args)
         if args.report:  # needs no model: everything comes from metrics.json
             results = read_run(args.adapter_dir)

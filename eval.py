@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,8 @@ def compute_metrics(labels, predictions, label_names: list[str]) -> dict:
     balanced accuracy (which is not fooled by class imbalance) are reported beside them, and
     ``per_class`` holds each class's precision, recall, F1 and support.
     """
-    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classification_report,
-                                 confusion_matrix, f1_score, precision_recall_fscore_support)
+    from sklearn.metrics import (accuracy_score, classification_report, confusion_matrix, f1_score,
+                                 precision_recall_fscore_support)
 
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     classes = list(range(len(label_names)))
@@ -43,7 +44,7 @@ def compute_metrics(labels, predictions, label_names: list[str]) -> dict:
         "f1": float(f1),
         "precision": float(precision),
         "recall": float(recall),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
+        "balanced_accuracy": balanced_accuracy(labels, predictions),
         "f1_macro": float(f1_score(labels, predictions, labels=classes, average="macro", zero_division=0)),
         "f1_micro": float(f1_score(labels, predictions, labels=classes, average="micro", zero_division=0)),
         "f1_weighted": float(f1_score(labels, predictions, labels=classes, average="weighted", zero_division=0)),
@@ -53,6 +54,16 @@ def compute_metrics(labels, predictions, label_names: list[str]) -> dict:
             label_names),
         "num_samples": int(len(labels)),
     }
+
+
+def balanced_accuracy(labels, predictions) -> float:
+    """Mean recall over the classes present in ``labels``. scikit-learn warns on the console when a
+    prediction names a class the eval split lacks; the report says so instead (absent_classes_note)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(labels, predictions))
 
 
 def per_class_report(report: dict, label_names: list[str]) -> dict:
@@ -111,8 +122,9 @@ def format_comparison(before: dict, after: dict, label_names: list[str]) -> str:
 REPORT_FILE = "report.md"
 CURVES_FILE = "training_curves.png"
 CONFUSION_FILE = "confusion_matrices.png"
-REPORT_METRICS = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", "f1_macro", "f1_micro",
-                  "f1_weighted", "loss")
+# Every score compute_metrics returns where higher is better (what --metric_for_best may pick).
+SCORE_METRICS = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", "f1_macro", "f1_micro", "f1_weighted")
+REPORT_METRICS = (*SCORE_METRICS, "loss")
 
 
 def _cell(value) -> str:
@@ -177,7 +189,21 @@ def _per_class_section(results: dict) -> list[str]:
     rows = [[name, row["precision"], row["recall"], row["f1"], before.get(name, {}).get("f1", "-"), row["support"]]
             for name, row in after.items()]
     return ["## Per-class report (after training)",
-            markdown_table(["class", "precision", "recall", "f1", "f1 before", "support"], rows)]
+            markdown_table(["class", "precision", "recall", "f1", "f1 before", "support"], rows),
+            *absent_classes_note(after)]
+
+
+def absent_classes_note(per_class: dict) -> list[str]:
+    """A class with no eval sample scores recall and F1 0 (scikit-learn's zero_division=0), and macro
+    averages still count it: say so, or f1_macro reads as if the model failed on that class."""
+    absent = [name for name, row in per_class.items() if row["support"] == 0]
+    if not absent:
+        return []
+    names = ", ".join(f"`{_cell(name)}`" for name in absent)
+    return [f"**Note:** the eval split holds no sample of {names}. Its recall and F1 count as 0, and macro "
+            f"averages (f1_macro{', and f1' if len(per_class) > 2 else ''}) average over all "
+            f"{len(per_class)} classes including it, so they understate the classes present; read the "
+            "per-class rows and accuracy instead."]
 
 
 def _confusion_section(results: dict) -> list[str]:
@@ -338,7 +364,7 @@ def predict(model, tokenizer, texts: list[str], *, max_length: int = 256, batch_
 
 
 def write_predictions(rows: list[dict], path: str | Path) -> None:
-    """CSV or JSON-lines, chosen by the file suffix."""
+    """CSV or JSON-lines, chosen by the file suffix (``check_output`` has vetted it)."""
     path = Path(path)
     if path.suffix == ".jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -349,15 +375,104 @@ def write_predictions(rows: list[dict], path: str | Path) -> None:
         writer.writerows(rows)
 
 
+def read_texts(path: str | Path) -> list[str]:
+    """The texts of a --predict_file: one per non-blank line of a UTF-8 text file."""
+    import data
+
+    texts = [line for line in data.read_text_file(path, "--predict_file").splitlines() if line.strip()]
+    if not texts:
+        raise data.DataError(f"--predict_file '{path}' holds no text; write one text per line")
+    return texts
+
+
+def check_output(output: str, predict_file: str | None) -> None:
+    """Refuse a --output that cannot be written, or whose writing would destroy an input."""
+    import data
+
+    path = Path(output)
+    if path.suffix not in (".csv", ".jsonl"):
+        raise data.DataError(f"--output '{output}' must end in .csv or .jsonl (the format is read from the suffix)")
+    if path.is_dir() or not path.parent.is_dir():
+        raise data.DataError(f"--output '{output}' " + ("is a directory" if path.is_dir() else
+                             f"is in a folder that does not exist ('{path.parent}')") + "; pass a file path")
+    if predict_file is not None and path.resolve() == Path(predict_file).resolve():
+        raise data.DataError(f"--output '{output}' is the --predict_file itself: writing would destroy the texts; "
+                             "pass another --output file")
+
+
+def check_args(args) -> None:
+    """Flags that contradict each other, each of which would otherwise be silently ignored."""
+    import data
+
+    predicting = bool(args.predict or args.predict_file)
+    for flag, given in (("--dataset", args.dataset), ("--eval_file", args.eval_file),
+                        ("--text_column", args.text_column), ("--label_column", args.label_column)):
+        if given is not None and (predicting or args.report):
+            raise data.DataError(f"{flag} selects data to evaluate on; it does not go with "
+                                 f"{'--predict/--predict_file' if predicting else '--report'}: drop one of them")
+    if args.output and not predicting:
+        raise data.DataError("--output is where predictions go; pass --predict or --predict_file with it")
+    if predicting and args.report:
+        raise data.DataError("--report does not go with --predict/--predict_file; run them one at a time")
+    for flag, value in (("--batch_size", args.batch_size), ("--max_length", args.max_length)):
+        if value is not None and value < 1:
+            raise data.DataError(f"{flag} must be a positive integer (got {value})")
+    if args.output:
+        check_output(args.output, args.predict_file)
+
+
+def read_run(adapter_dir: str | Path) -> dict:
+    """A finished run's metrics.json (its settings under ``config``); a run still training has only
+    run_config.json, which holds the same settings; ``{}`` when there is neither."""
+    import data
+
+    for name in ("metrics.json", "run_config.json"):
+        path = Path(adapter_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            saved = json.loads(path.read_text())
+        except (ValueError, OSError) as err:
+            saved = err
+        if not isinstance(saved, dict):
+            raise data.DataError(f"'{path}' is damaged (not a JSON object); retrain, or pass --dataset to "
+                                 "evaluate on data of your choice")
+        return saved if name == "metrics.json" else {"config": saved}
+    return {}
+
+
+def eval_settings(args, run_config: dict, num_labels: int) -> dict:
+    """What ``data.load_run_splits`` gets: the run's own settings, so the split is the one its training
+    scored; or --dataset with the run's seed and eval size. Column flags override either."""
+    if args.dataset is None:
+        settings = dict(run_config)
+    else:
+        settings = {"dataset": args.dataset, **{k: run_config[k] for k in ("eval_size", "seed") if k in run_config}}
+    for key in ("eval_file", "text_column", "label_column"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    return {**settings, "num_labels": num_labels}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one ``error:`` line and exit code 2 (via main), like every other refusal,
+    instead of its usage block."""
+
+    def error(self, message):
+        import data
+
+        raise data.DataError(f"{message}; see --help")
+
+
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(description="Evaluate a saved LoRA adapter, or predict labels for texts.")
+    parser = ArgumentParser(description="Evaluate a saved LoRA adapter, or predict labels for texts.")
     parser.add_argument("--adapter_dir", required=True, help="output dir of a training run (holds adapter_config.json)")
     parser.add_argument("--dataset", help="dataset to evaluate on (default: the run's own, from metrics.json)")
     parser.add_argument("--eval_file", help="separate eval file for a local --dataset")
     parser.add_argument("--text_column", default=None)
     parser.add_argument("--label_column", default=None)
     parser.add_argument("--predict", nargs="+", metavar="TEXT", help="texts to classify")
-    parser.add_argument("--predict_file", help="file with one text per line to classify")
+    parser.add_argument("--predict_file", help="UTF-8 text file with one text per line to classify")
     parser.add_argument("--output", help="write predictions to this .csv or .jsonl file (default: print)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_length", type=int, default=None, help="default: the run's own")
@@ -367,58 +482,53 @@ def _parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from accelerate import Accelerator
-
     import data
     import lora_setup
 
-    args = _parse_args(argv)
+    data.quiet_libraries()
     try:
-        run_file = Path(args.adapter_dir) / "metrics.json"
+        args = _parse_args(argv)
+        check_args(args)
         if args.report:  # needs no model: everything comes from metrics.json
-            if not run_file.is_file():
-                raise FileNotFoundError(f"'{run_file}' does not exist; --report needs the output dir of a finished run")
-            results = json.loads(run_file.read_text())
+            results = read_run(args.adapter_dir)
+            if "final" not in results:
+                raise data.DataError(f"'{Path(args.adapter_dir) / 'metrics.json'}' does not exist; --report needs "
+                                     "the output dir of a finished run")
             plots = save_plots(args.adapter_dir, results)
             print(f"wrote {write_report(args.adapter_dir, results)}" + "".join(f", {p}" for p in plots))
             return 0
-        run_config = json.loads(run_file.read_text())["config"] if run_file.is_file() else {}
+        texts = list(args.predict or []) + (read_texts(args.predict_file) if args.predict_file else [])
+        run_config = read_run(args.adapter_dir).get("config", {})
         max_length = args.max_length or run_config.get("max_length", 256)
+
+        from accelerate import Accelerator
+
         accelerator = Accelerator()
         model, tokenizer = lora_setup.load_adapter(args.adapter_dir, accelerator.device)
         label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
 
-        if args.predict or args.predict_file:
-            texts = list(args.predict or [])
-            if args.predict_file:
-                texts += [line.rstrip("\n") for line in Path(args.predict_file).read_text().splitlines() if line.strip()]
+        if texts:
             rows = predict(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size)
-            if args.output:
-                write_predictions(rows, args.output)
-                print(f"wrote {len(rows)} predictions to {args.output}")
-            else:
-                for row in rows:
-                    print(json.dumps(row))
+            if accelerator.is_main_process:  # every process predicted the same rows: one writes them
+                if args.output:
+                    write_predictions(rows, args.output)
+                    print(f"wrote {len(rows)} predictions to {args.output}")
+                else:
+                    for row in rows:
+                        print(json.dumps(row))
             return 0
 
-        dataset = args.dataset or run_config.get("dataset", "embedded:rotten_tomatoes")
-        same_data = args.dataset is None
-        splits = data.load_splits(
-            dataset,
-            text_column=args.text_column or (run_config.get("text_column", "text") if same_data else "text"),
-            label_column=args.label_column or (run_config.get("label_column", "label") if same_data else "label"),
-            eval_file=args.eval_file or (run_config.get("eval_file") if same_data else None),
-            eval_size=run_config.get("eval_size", 1000), seed=run_config.get("seed", 42),
-            max_eval_samples=run_config.get("max_eval_samples") if same_data else None,
-            num_labels=len(label_names),
-        )
+        splits = data.load_run_splits(eval_settings(args, run_config, len(label_names)))
         if splits.label_names != label_names:
-            raise data.DataError(f"dataset labels {splits.label_names} differ from the model's {label_names}")
+            raise data.DataError(f"dataset labels {splits.label_names} differ from the model's {label_names}; "
+                                 "evaluate on data with the classes the model was trained on")
         loader = data.build_dataloader(data.tokenize(splits.eval, tokenizer, max_length), tokenizer.pad_token_id,
                                        args.batch_size, train=False)
         metrics = evaluate(model, accelerator.prepare(loader), accelerator, label_names)
         if accelerator.is_main_process:
-            print(json.dumps({k: v for k, v in metrics.items()}, indent=2))
+            for note in splits.notes:
+                print(f"note: {note}")
+            print(json.dumps(metrics, indent=2))
         return 0
     except (data.DataError, lora_setup.ModelSetupError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

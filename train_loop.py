@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, DistributedType, DynamoBackend, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
@@ -131,6 +131,11 @@ class ConfigError(ValueError):
 
 
 def validate_config(cfg: TrainConfig) -> None:
+    """Ranges and contradictions of the settings, checked before anything is loaded."""
+    for f in dataclasses.fields(cfg):  # argparse's float() takes "nan" and "inf"; no setting means them
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name} must be a finite number (got {value})")
     positive = ["batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_epochs", "max_length",
                 "lora_r", "lora_alpha", "log_every", "keep_checkpoints"]
     for name in positive:
@@ -140,12 +145,17 @@ def validate_config(cfg: TrainConfig) -> None:
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be a positive integer (got {getattr(cfg, name)})")
     checks = [
+        (cfg.num_labels is None or cfg.num_labels >= 2, "--num_labels must be at least 2 (a classifier needs two "
+                                                        "classes); leave it out to read it from the data"),
+        (0 <= cfg.seed < 2**32, f"--seed must be in 0..2**32-1 (got {cfg.seed})"),  # numpy's seed range
         (cfg.learning_rate > 0, f"--learning_rate must be > 0 (got {cfg.learning_rate})"),
         (cfg.weight_decay >= 0, f"--weight_decay must be >= 0 (got {cfg.weight_decay})"),
         (0 <= cfg.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1) (got {cfg.warmup_ratio})"),
         (0 <= cfg.lora_dropout < 1, f"--lora_dropout must be in [0, 1) (got {cfg.lora_dropout})"),
         (cfg.max_grad_norm >= 0, f"--max_grad_norm must be >= 0 (got {cfg.max_grad_norm})"),
         (cfg.eval_size > 0, f"--eval_size must be > 0 (got {cfg.eval_size})"),
+        (cfg.eval_size < 1 or float(cfg.eval_size).is_integer(),
+         f"--eval_size must be a whole number of rows, or a fraction below 1 (got {cfg.eval_size})"),
         (cfg.eval_every >= 0 and cfg.checkpoint_every >= 0 and cfg.early_stopping_patience >= 0,
          "--eval_every, --checkpoint_every and --early_stopping_patience must be >= 0"),
         (cfg.lr_scheduler in ("linear", "cosine", "constant"),
@@ -153,29 +163,98 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.mixed_precision in ("auto", "no", "bf16", "fp16"),
          f"--mixed_precision must be auto, no, bf16 or fp16 (got {cfg.mixed_precision!r})"),
         (cfg.lora_bias in ("none", "all", "lora_only"), f"--lora_bias must be none, all or lora_only"),
+        (cfg.metric_for_best in evaluation.SCORE_METRICS,
+         f"--metric_for_best must be one of {', '.join(evaluation.SCORE_METRICS)} (got {cfg.metric_for_best!r})"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    from accelerate.utils import LoggerType
+
+    trackers = [t.value for t in LoggerType]  # "all" is one of them
+    if cfg.report_to is not None and cfg.report_to not in trackers:
+        raise ConfigError(f"--report_to must be one of {', '.join(trackers)} (got {cfg.report_to!r})")
+
+
+def _field_type(name: str) -> tuple[type, bool]:
+    """``(type, may_be_None)`` of a TrainConfig field: ``Optional[int]`` -> ``(int, True)``."""
+    kind = typing.get_type_hints(TrainConfig)[name]
+    args = typing.get_args(kind)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return kind, False
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line, via main) instead of printing its whole usage and exiting."""
+
+    def error(self, message):
+        raise ConfigError(f"{message}; see --help for every flag")
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
     """Every TrainConfig field becomes a flag of the same name, with its help text and default."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="YAML or JSON file of settings; flags given here override it")
-    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        kind = hints[f.name]
-        inner = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
-        if inner is bool:
+        kind, _ = _field_type(f.name)
+        if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
                                 help=f.metadata["help"])
-        elif typing.get_origin(inner) is list:
+        elif typing.get_origin(kind) is list:
             parser.add_argument(f"--{f.name}", nargs="+", default=f.default, help=f.metadata["help"])
         else:
-            parser.add_argument(f"--{f.name}", type=inner, default=f.default, help=f.metadata["help"])
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
     return parser
+
+
+TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def check_setting(name: str, value, source: str):
+    """A config-file value checked against the TrainConfig field's type, and read as the same value
+    typed on the command line would be (YAML reads ``1e-3`` as a string; argparse's float() does not)."""
+    kind, optional = _field_type(name)
+    if value is None and optional:
+        return None
+    if typing.get_origin(kind) is list:
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return value
+        raise ConfigError(f"config file '{source}': {name} must be a list of names, like [query, value] "
+                          f"(got {value!r}); fix it in the file")
+    if isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool):
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"config file '{source}': {name} must be {TYPE_WORDS[kind]}"
+                      f"{' or null' if optional else ''} (got {value!r}); fix it in the file")
+
+
+def read_config_file(path: Path) -> dict:
+    """The settings of a YAML or JSON config file, each checked against TrainConfig."""
+    try:
+        import yaml
+        text = data.read_text_file(path, "config file")
+        settings = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except data.DataError as err:
+        raise ConfigError(str(err)) from None
+    except Exception as err:
+        raise ConfigError(f"could not parse config file '{path}': {str(err).splitlines()[0]}") from None
+    if settings is None:  # an empty file, or only comments
+        return {}
+    if not isinstance(settings, dict):
+        raise ConfigError(f"config file '{path}' must hold settings as `name: value` lines (a mapping), "
+                          f"not a {type(settings).__name__}")
+    unknown = sorted(map(str, set(settings) - {f.name for f in dataclasses.fields(TrainConfig)}))
+    if unknown:
+        raise ConfigError(f"config file '{path}' has unknown settings {unknown}; see --help for the names")
+    return {name: check_setting(name, value, str(path)) for name, value in settings.items()}
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -183,18 +262,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     parser = build_arg_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        path = Path(known.config)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            import yaml
-            settings = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
-        except Exception as err:
-            raise ConfigError(f"could not parse config file '{path}': {str(err).splitlines()[0]}") from None
-        unknown = sorted(set(settings or {}) - {f.name for f in dataclasses.fields(TrainConfig)})
-        if unknown:
-            raise ConfigError(f"config file '{path}' has unknown settings {unknown}; see --help for the names")
-        parser.set_defaults(**(settings or {}))
+        parser.set_defaults(**read_config_file(Path(known.config)))
     args = vars(parser.parse_args(argv))
     args.pop("config")
     cfg = TrainConfig(**args)
@@ -314,12 +382,12 @@ def check_deepspeed_settings(cfg: TrainConfig, accelerator: Accelerator) -> None
 
 
 def load_data(cfg: TrainConfig) -> data.LabelledSplits:
-    """The run's train and eval splits, cleaned and checked (data.load_splits with the run's settings)."""
-    return data.load_splits(
-        cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column, eval_file=cfg.eval_file,
-        dataset_config=cfg.dataset_config, eval_split=cfg.eval_split, eval_size=cfg.eval_size,
-        num_labels=cfg.num_labels, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
-        max_eval_samples=cfg.max_eval_samples, drop_empty_texts=cfg.drop_empty_texts)
+    """The run's train and eval splits, cleaned and checked (the same function eval.py re-scores with);
+    what the data needed fixing is printed once."""
+    splits = data.load_run_splits(dataclasses.asdict(cfg))
+    for note in splits.notes:
+        PartialState().print(f"note: {note}")
+    return splits
 
 
 def loader_options(cfg: TrainConfig, on_gpu: bool) -> dict:
@@ -342,14 +410,7 @@ def build_model(cfg: TrainConfig, label_names: list[str], pad_token_id: int):
     return lora_setup.apply_lora(model, lora_config), head_modules
 
 
-def quiet_libraries() -> None:
-    """Keep the console for our own log: no per-library progress bars, no deprecation chatter."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+quiet_libraries = data.quiet_libraries  # shared with eval.py: no library noise on any entry point
 
 
 @dataclass

@@ -130,12 +130,12 @@ def test_missing_label_value(tmp_path):
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.csv"
     path.write_text("text,label\n")
-    with pytest.raises(data.DataError, match="split is empty.*holds no rows"):
+    with pytest.raises(data.DataError, match="train file .*empty.csv' holds no rows"):
         data.load_splits(str(path))
 
 
 def test_missing_file():
-    with pytest.raises(data.DataError, match="does not exist.*--dataset"):
+    with pytest.raises(data.DataError, match="train file '/nonexistent/reviews.csv' does not exist"):
         data.load_splits("/nonexistent/reviews.csv")
 
 
@@ -192,3 +192,30 @@ def test_padding_share_improves_with_grouping():
     grouped = data.real_token_share(data.build_dataloader(tokenized, 0, 16, train=True))
     plain = data.real_token_share(data.build_dataloader(tokenized, 0, 16, train=True, group_by_length=False))
     assert grouped > 0.95 > plain
+
+
+# --- one way to rebuild a run's splits (issue #9.7), GLUE-style test labels (issue #9.9) -----------
+
+
+def test_run_splits_take_every_split_setting_of_train_config():
+    import inspect
+
+    import train_loop
+
+    fields = {f.name: f.default for f in train_loop.dataclasses.fields(train_loop.TrainConfig)}
+    parameters = inspect.signature(data.load_splits).parameters
+    assert set(data.SPLIT_SETTINGS) == set(parameters) and set(data.SPLIT_SETTINGS) <= set(fields)
+    assert all(parameters[k].default == fields[k] for k in data.SPLIT_SETTINGS)  # missing keys: same defaults
+
+
+def test_class_label_eval_split_without_labels_is_refused(monkeypatch):
+    import datasets
+
+    names = datasets.ClassLabel(names=["negative", "positive"])
+    features = datasets.Features({"text": datasets.Value("string"), "label": names})
+    rows = sentiment_rows(40)
+    train = datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]}, features=features)
+    test = datasets.Dataset.from_dict({"text": ["a b", "c d"], "label": [-1, -1]}, features=features)
+    monkeypatch.setattr(data, "load_raw", lambda *args, **kwargs: (train, test))
+    with pytest.raises(data.DataError, match=r"the eval split has 2 unlabelled row\(s\).*--eval_split validation"):
+        data.load_splits("glue/sst2", eval_split="test")

@@ -13,7 +13,8 @@ A checkpoint is a folder ``OUTPUT_DIR/checkpoints/step_00000012`` holding:
                               LR scheduler's few numbers, the best metric, the history, the run's settings
 
 Why not ``accelerator.save_state``: it stores the scheduler and RNG states as pickles and loads them with
-``weights_only=False``, so a planted file would run code on resume. Here every tensor goes through
+``weights_only=False`` (and under DeepSpeed the engine's own checkpoint is pickles too), so a planted
+file would run code on resume. Here every tensor goes through
 safetensors and everything else through JSON: loading a checkpoint can never execute anything.
 
 Writes are atomic: a checkpoint is assembled under ``.incomplete_step_*`` and renamed when complete, so
@@ -155,12 +156,56 @@ def _model_keys(peft_model) -> dict:
 
 
 def _optimizer_state(accelerator, model, optimizer) -> dict:
+    """AdamW's full state, whatever the backend (every process calls this: under FSDP and DeepSpeed the
+    state is sharded and gathering it is collective)."""
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, optimizer.optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return _deepspeed_optimizer_state(accelerator, model, optimizer)
     return optimizer.state_dict()
+
+
+def _zero_inner_optimizer(optimizer):
+    """The torch AdamW that DeepSpeed's ZeRO optimizer runs over its flat fp32 partitions."""
+    return optimizer.optimizer.optimizer  # Accelerate's wrapper -> ZeRO optimizer -> torch AdamW
+
+
+def _deepspeed_optimizer_state(accelerator, model, optimizer) -> dict:
+    """ZeRO keeps an fp32 master copy and AdamW's moments of every trainable parameter in partitions
+    inside its engine, and its own checkpoints are pickles. DeepSpeed's ``safe_get_full_*`` helpers
+    gather them per parameter (collectively), so we store them like any optimizer state, by name."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    inner = _zero_inner_optimizer(optimizer)
+    step = next((s["step"] for s in inner.state.values() if "step" in s), torch.tensor(0.0))
+    state = {}
+    for name, param in accelerator.unwrap_model(model).named_parameters():
+        if param.requires_grad:
+            state[name] = {"fp32": safe_get_full_fp32_param(param).cpu(), "step": torch.as_tensor(step).cpu(),
+                           **{key: safe_get_full_optimizer_state(param, key).cpu() for key in ("exp_avg", "exp_avg_sq")}}
+    return {"state": state, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]}
+
+
+def _restore_deepspeed_optimizer(accelerator, model, optimizer, state_dict: dict) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    inner = _zero_inner_optimizer(optimizer)
+    step = next(iter(state_dict["state"].values()))["step"]
+    for group, saved in zip(inner.param_groups, state_dict["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k in ("lr", "initial_lr")})
+        step_device = "cpu" if not (group.get("fused") or group.get("capturable")) else None  # AdamW's rule
+        for flat in group["params"]:  # AdamW creates its state at the first step: before it, make room
+            inner.state[flat].setdefault("exp_avg", torch.zeros_like(flat))
+            inner.state[flat].setdefault("exp_avg_sq", torch.zeros_like(flat))
+            inner.state[flat]["step"] = step.clone().to(step_device or flat.device)
+    named = dict(accelerator.unwrap_model(model).named_parameters())
+    for name, values in state_dict["state"].items():
+        safe_set_full_fp32_param(named[name], values["fp32"].to(accelerator.device))
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(named[name], values[key].to(accelerator.device), key)
 
 
 def save_optimizer(state_dict: dict, folder: Path) -> None:
@@ -194,6 +239,9 @@ def _restore_optimizer(accelerator, model, optimizer, state_dict: dict) -> None:
 
         set_optimizer_state_dict(model, optimizer.optimizer, optim_state_dict=state_dict,
                                  options=StateDictOptions(full_state_dict=True))
+        return
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _restore_deepspeed_optimizer(accelerator, model, optimizer, state_dict)
         return
     optimizer.load_state_dict(state_dict)
 
@@ -241,10 +289,6 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return sorted(p for p in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
 
 
-# DeepSpeed keeps its optimizer state inside its engine and saves it only as pickles.
-DEEPSPEED_REFUSAL = ("checkpoints cannot be written or resumed under DeepSpeed (its engine saves optimizer state only "
-                     "as pickles, which this tool never loads); drop --checkpoint_every/--resume_from_checkpoint, or "
-                     "use the FSDP or DDP config for a resumable run")
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState, checkpoint_dir: Path,

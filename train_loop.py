@@ -351,10 +351,6 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
             import tensorboard  # noqa: F401
         except ImportError:
             raise ConfigError("--report_to tensorboard needs the tensorboard package: pip install tensorboard") from None
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and os.environ.get("ACCELERATE_GRADIENT_CLIPPING",
-                                                                                 "auto") == "auto":
-        # DeepSpeed's engine clips inside its own step, with the value from its config: hand it ours.
-        os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(cfg.max_grad_norm)
     # Started by torchrun / `accelerate launch --multi_gpu` on a machine without CUDA, Accelerate only
     # forms a process group (gloo, MULTI_CPU) when told to run on the CPU; otherwise every process
     # would silently train alone.
@@ -371,14 +367,16 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
 
 
 def check_deepspeed_settings(cfg: TrainConfig, accelerator: Accelerator) -> None:
-    """DeepSpeed steps, clips and checkpoints inside its engine: refuse what it would do differently."""
-    clipping = float(accelerator.deepspeed_config.get("gradient_clipping") or 0.0)
-    if clipping != cfg.max_grad_norm:
+    """DeepSpeed clips inside its engine: hand it our clipping, refuse a config that says otherwise. (Its
+    stepping is handled in ``train_step``, its checkpoints in ``checkpointing``.)"""
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    clipping = ds_config.get("gradient_clipping", "auto")
+    if clipping in ("auto", None):  # left to us: otherwise Accelerate would fill in 1.0, whatever --max_grad_norm says
+        ds_config["gradient_clipping"] = cfg.max_grad_norm
+    elif float(clipping) != cfg.max_grad_norm:
         raise ConfigError(f"the DeepSpeed config clips gradients at {clipping} but --max_grad_norm is "
-                          f"{cfg.max_grad_norm}; set gradient_clipping: {cfg.max_grad_norm} in the accelerate config "
-                          "(or 'auto', which takes --max_grad_norm)")
-    if cfg.resume_from_checkpoint or cfg.checkpoint_every:
-        raise ConfigError(checkpointing.DEEPSPEED_REFUSAL)
+                          f"{cfg.max_grad_norm}; make them agree, or set gradient_clipping to 'auto' in the DeepSpeed "
+                          "config so that --max_grad_norm is used")
 
 
 def load_data(cfg: TrainConfig) -> data.LabelledSplits:
@@ -630,8 +628,6 @@ def evaluate_and_keep(run: Run, state: TrainState, keeper: checkpointing.BestAda
 
 
 def save_checkpoint(run: Run, state: TrainState) -> None:
-    if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return  # refused at start-up when asked for explicitly; see checkpointing.DEEPSPEED_REFUSAL
     checkpointing.save_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler, state, run.checkpoint_dir,
                                   run.cfg.keep_checkpoints, run.best_dir, on_written=run.output.checkpoints_written)
 

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,12 +47,21 @@ def job(tmp_path_factory):
     return {"root": root, "args": args, "sys_path": str(REPO)}
 
 
+def free_port() -> int:
+    """A port nobody listens on (port 0 makes torchrun's rendezvous hang)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch(config: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     accelerate = str(Path(sys.executable).parent / "accelerate")
     command = [accelerate, "launch", "--config_file", str(REPO / "configs" / "accelerate" / config),
-               "--num_processes", "1", "--num_machines", "1", "--main_process_port", "0",
+               "--num_processes", "1", "--num_machines", "1", "--main_process_port", str(free_port()),
                str(REPO / "train_loop.py"), *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    # The GPU kit's packages (datasets, deepspeed) come through the caller's PYTHONPATH: keep it.
+    python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": python_path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
     assert result.returncode == 0, f"{config}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"

@@ -8,13 +8,14 @@
 #
 # Options: --kit DIR (default gpu_kit; see scripts/gpu_kit.py), --out DIR (default $OUT, else
 # gpu_check_out), --budget SECONDS (default 480), --dry-run, --bundle (all but the two summaries in one
-# .tar.gz: the device tool brings back 8 files at most). Writes to the out dir: gpu_check.md (the
+# .tar.gz: the device tool brings back 8 files at most), --only STEP,STEP (run only these GPU steps: a
+# second call after a fix), --tests "PYTEST ARGS" (what gpu-tests runs; default tests/gpu). Writes to the out dir: gpu_check.md (the
 # tables), gpu_check.json (every figure), logs/<step>.log, and the runs' metrics and bench results.
 # Exits non-zero if any step failed or ran out of time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-KIT="" OUT_DIR=${OUT:-gpu_check_out} BUDGET=480 DRY_RUN=0 BUNDLE=0
+KIT="" OUT_DIR=${OUT:-gpu_check_out} BUDGET=480 DRY_RUN=0 BUNDLE=0 ONLY="" TESTS="tests/gpu"
 while (($#)); do
   case $1 in
     --kit) KIT=$2; shift 2 ;;
@@ -22,7 +23,9 @@ while (($#)); do
     --budget) BUDGET=$2; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     --bundle) BUNDLE=1; shift ;;
-    *) echo "usage: $0 [--kit DIR] [--out DIR] [--budget SECONDS] [--dry-run] [--bundle]" >&2; exit 2 ;;
+    --only) ONLY=",$2,"; shift 2 ;;
+    --tests) TESTS=$2; shift 2 ;;
+    *) echo "usage: $0 [--kit DIR] [--out DIR] [--budget SECONDS] [--dry-run] [--bundle] [--only STEP,STEP] [--tests PYTEST_ARGS]" >&2; exit 2 ;;
   esac
 done
 PY=${PYTHON:-python3}
@@ -48,6 +51,8 @@ step() {
   (( cap > left )) && cap=$left
   if [[ $kind == gpu && -n $SKIP_GPU ]]; then
     status="skipped: $SKIP_GPU"
+  elif [[ $kind == gpu && -n $ONLY && $ONLY != *",$name,"* ]]; then
+    status="skipped: not in --only"
   elif (( cap < 5 )); then
     status="failed: no time left in the ${BUDGET} s budget"
   fi
@@ -80,7 +85,7 @@ step kit-locate 60 cpu $PY scripts/gpu_kit.py locate --site "$WORK/site"
 step device-info 20 gpu nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 
 # 1. The GPU-only tests: bf16, fused AdamW, pinned workers, compile, MFU/peak memory, QLoRA, backends.
-step gpu-tests 180 gpu $PY -m pytest -q -ra tests/gpu --junitxml "$OUT_DIR/gpu_tests.xml"
+step gpu-tests 240 gpu $PY -m pytest -q -ra $TESTS --junitxml "$OUT_DIR/gpu_tests.xml"
 
 # 2. The default job, unchanged (bf16 on this GPU), against the CPU run in the README.
 RUNS=$WORK/runs

@@ -80,6 +80,11 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------
 
 
+def peft_model(accelerator, model):
+    """The PeftModel inside whatever ``prepare`` wrapped it in (DDP, FSDP, DeepSpeed, torch.compile)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def gather_full_state(accelerator, model) -> dict | None:
     """The model's full state dict on the main process (``None`` elsewhere). Every process must call this.
 
@@ -88,12 +93,14 @@ def gather_full_state(accelerator, model) -> dict | None:
     known peft#453 / accelerate#3732 failures). Accelerate's ``get_state_dict`` gathers collectively.
     """
     full = accelerator.get_state_dict(model)
-    return full if accelerator.is_main_process else None
+    if not accelerator.is_main_process:
+        return None
+    return {k.replace("_orig_mod.", ""): v for k, v in full.items()}  # torch.compile's wrapper prefix
 
 
 def adapter_weights(accelerator, model, full_state: dict) -> dict:
     """The adapter + head part of a full state dict, under PEFT's saved key names, on the CPU."""
-    adapter = get_peft_model_state_dict(accelerator.unwrap_model(model), state_dict=full_state)
+    adapter = get_peft_model_state_dict(peft_model(accelerator, model), state_dict=full_state)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter.items()}
 
 
@@ -102,13 +109,13 @@ def save_adapter(accelerator, model, tokenizer, folder: Path) -> None:
     reloads it), gathered from every process and written by the main one. Every process calls this."""
     full = gather_full_state(accelerator, model)
     if accelerator.is_main_process:
-        lora_setup.save_adapter(accelerator.unwrap_model(model), tokenizer, folder, state_dict=full)
+        lora_setup.save_adapter(peft_model(accelerator, model), tokenizer, folder, state_dict=full)
     accelerator.wait_for_everyone()
 
 
 def load_adapter_weights(accelerator, model, weights: dict) -> None:
     """Put saved adapter + head weights (PEFT's saved key names) back into the prepared ``model``."""
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = peft_model(accelerator, model)
     if accelerator.distributed_type == DistributedType.FSDP:
         # Sharded parameters take a full state dict through torch's distributed-checkpoint helpers, keyed
         # by the model's own parameter names: PEFT saves 'lora_A.weight' for 'lora_A.default.weight'.
@@ -182,7 +189,7 @@ def _deepspeed_optimizer_state(accelerator, model, optimizer) -> dict:
     inner = _zero_inner_optimizer(optimizer)
     step = next((s["step"] for s in inner.state.values() if "step" in s), torch.tensor(0.0))
     state = {}
-    for name, param in accelerator.unwrap_model(model).named_parameters():
+    for name, param in peft_model(accelerator, model).named_parameters():
         if param.requires_grad:
             state[name] = {"fp32": safe_get_full_fp32_param(param).cpu(), "step": torch.as_tensor(step).cpu(),
                            **{key: safe_get_full_optimizer_state(param, key).cpu() for key in ("exp_avg", "exp_avg_sq")}}
@@ -197,11 +204,16 @@ def _restore_deepspeed_optimizer(accelerator, model, optimizer, state_dict: dict
     for group, saved in zip(inner.param_groups, state_dict["param_groups"]):
         group.update({k: v for k, v in saved.items() if k in ("lr", "initial_lr")})
         step_device = "cpu" if not (group.get("fused") or group.get("capturable")) else None  # AdamW's rule
-        for flat in group["params"]:  # AdamW creates its state at the first step: before it, make room
+        # AdamW creates its state at the first step: before it, make room, for every fp32 partition ZeRO
+        # keeps (stage 3 and stages 1-2 name their lists differently).
+        zero = optimizer.optimizer
+        flats = (list(group["params"]) + list(getattr(zero, "fp32_partitioned_groups_flat", None) or [])
+                 + list(getattr(zero, "single_partition_of_fp32_groups", None) or []))
+        for flat in flats:
             inner.state[flat].setdefault("exp_avg", torch.zeros_like(flat))
             inner.state[flat].setdefault("exp_avg_sq", torch.zeros_like(flat))
             inner.state[flat]["step"] = step.clone().to(step_device or flat.device)
-    named = dict(accelerator.unwrap_model(model).named_parameters())
+    named = dict(peft_model(accelerator, model).named_parameters())
     for name, values in state_dict["state"].items():
         safe_set_full_fp32_param(named[name], values["fp32"].to(accelerator.device))
         for key in ("exp_avg", "exp_avg_sq"):
@@ -310,7 +322,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
     optimizer_state = _optimizer_state(accelerator, model, optimizer)
     save_rng_state(temporary / f"rng_state_{accelerator.process_index}.safetensors")
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = peft_model(accelerator, model)
         save_file(adapter_weights(accelerator, model, full), temporary / ADAPTER_FILE)
         unwrapped.peft_config[unwrapped.active_adapter].save_pretrained(temporary)
         save_optimizer(optimizer_state, temporary)

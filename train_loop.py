@@ -379,6 +379,18 @@ def check_deepspeed_settings(cfg: TrainConfig, accelerator: Accelerator) -> None
                           "config so that --max_grad_norm is used")
 
 
+def shard_blocks_not_embeddings(accelerator: Accelerator, model) -> None:
+    """FSDP2 shards each transformer block of the model's ``_no_split_modules`` (BERT: ``BertLayer`` and
+    ``BertEmbeddings``), then Accelerate 1.15 shards the input embeddings on their own, which fails when
+    their parent block is already sharded. Unless the config names the blocks, leave that parent out."""
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.transformer_cls_names_to_wrap is not None:
+        return
+    embeddings = model.get_input_embeddings()
+    holders = {type(m).__name__ for m in model.modules() if any(sub is embeddings for sub in m.modules())}
+    plugin.transformer_cls_names_to_wrap = sorted(set(model._no_split_modules or []) - holders)
+
+
 def load_data(cfg: TrainConfig) -> data.LabelledSplits:
     """The run's train and eval splits, cleaned and checked (the same function eval.py re-scores with);
     what the data needed fixing is printed once."""
@@ -488,6 +500,8 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
         accelerator.wait_for_everyone()
 
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, fused=on_gpu)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        shard_blocks_not_embeddings(accelerator, model)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     # After prepare, len(train_loader) is the number of micro-batches *this process* sees per epoch.
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
@@ -765,7 +779,8 @@ def finish(run: Run, state: TrainState, baseline: dict, final: dict) -> dict:
             evaluation.write_report(output.path, results)
             if cfg.merge:
                 # A 4-bit base would round the merged weights to 4 bits: merge on the full-precision base.
-                to_merge = lora_setup.load_adapter(output.path)[0] if cfg.load_in_4bit else accelerator.unwrap_model(run.model)
+                to_merge = (lora_setup.load_adapter(output.path)[0] if cfg.load_in_4bit
+                            else checkpointing.peft_model(accelerator, run.model))
                 lora_setup.merge_and_save(to_merge, run.tokenizer, output.path / "merged")
     accelerator.log({}, step=state.global_step)
     accelerator.end_training()

@@ -93,7 +93,7 @@ step default-job 150 gpu $PY train_loop.py --output_dir "$RUNS/default"
 
 # 3. The bench side by side: our loop vs Trainer defaults vs Trainer + group_by_length, same job
 # (RT, MiniLM, one epoch, batch 32, max length 128); then IMDB at max length 512 with batch 64.
-step bench-rt 150 gpu $PY bench/bench_speed.py --arms a b c d --output "$OUT_DIR/bench_rt.md"
+step bench-rt 150 gpu $PY bench/bench_speed.py --arms a c d --output "$OUT_DIR/bench_rt.md"
 step bench-imdb 120 gpu $PY bench/bench_speed.py --dataset embedded:imdb --max_length 512 --batch_size 64 \
   --arms a c d --output "$OUT_DIR/bench_imdb.md"
 

@@ -84,7 +84,10 @@ def evaluate(model, dataloader, accelerator, label_names: list[str]) -> dict:
     """
     model.eval()
     predictions, labels, losses = [], [], []
-    with torch.inference_mode():
+    # inference_mode is the cheaper of the two, but FSDP2 gathers its weights into tensors that training
+    # must reuse afterwards, and tensors made under inference_mode cannot be (seen on an H100).
+    fsdp = getattr(accelerator, "distributed_type", None) == "FSDP"
+    with torch.no_grad() if fsdp else torch.inference_mode():
         for batch in dataloader:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             per_sample_loss = F.cross_entropy(logits, batch["labels"], reduction="none")

@@ -125,7 +125,7 @@ def format_comparison(before: dict, after: dict, label_names: list[str]) -> str:
 REPORT_FILE = "report.md"
 CURVES_FILE = "training_curves.png"
 CONFUSION_FILE = "confusion_matrices.png"
-# Every score compute_metrics returns where higher is better (what --metric_for_best may pick).
+# Every score compute_metrics returns where higher is better; with the loss, what --metric_for_best may pick.
 SCORE_METRICS = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", "f1_macro", "f1_micro", "f1_weighted")
 REPORT_METRICS = (*SCORE_METRICS, "loss")
 

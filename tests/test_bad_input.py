@@ -90,7 +90,7 @@ TRAIN_ERRORS = [
     ("flag-eval-size-fraction-count", flags("--eval_size", "2.5"), r"--eval_size must be a whole number of rows"),
     ("flag-eval-size-zero", flags("--eval_size", "0"), r"--eval_size must be > 0"),
     ("flag-num-labels-one", flags("--num_labels", "1"), r"--num_labels must be at least 2"),
-    ("flag-metric-for-best", flags("--metric_for_best", "loss"), r"--metric_for_best must be one of accuracy"),
+    ("flag-metric-for-best", flags("--metric_for_best", "acuracy"), r"--metric_for_best must be one of accuracy"),
     ("flag-warmup-one", flags("--warmup_ratio", "1"), r"--warmup_ratio must be in \[0, 1\)"),
     ("flag-dropout-one", flags("--lora_dropout", "1.0"), r"--lora_dropout must be in \[0, 1\)"),
     ("flag-max-steps-zero", flags("--max_steps", "0"), r"--max_steps must be a positive integer"),

@@ -95,7 +95,7 @@ step default-job 150 gpu $PY train_loop.py --output_dir "$RUNS/default"
 # (RT, MiniLM, one epoch, batch 32, max length 128); then IMDB at max length 512 with batch 64.
 step bench-rt 150 gpu $PY bench/bench_speed.py --arms a c d --output "$OUT_DIR/bench_rt.md"
 step bench-imdb 120 gpu $PY bench/bench_speed.py --dataset embedded:imdb --max_length 512 --batch_size 64 \
-  --arms a c d --output "$OUT_DIR/bench_imdb.md"
+  --max_train_samples 3200 --max_eval_samples 1000 --arms a c d --output "$OUT_DIR/bench_imdb.md"
 
 # 4. QLoRA: the default job on a 4-bit base; then the adapter reloaded with plain PEFT (full-precision
 # base, as eval.py does) and evaluated.

@@ -31,11 +31,11 @@ FLAGS = ["model", "dataset", "output_dir", "eval_size", "max_length", "seed", "l
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """A few of train_loop.py's flags, with its names, types and defaults (read from TrainConfig)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    types = typing.get_type_hints(train_loop.TrainConfig)
-    for name in FLAGS:
-        parser.add_argument(f"--{name}", type=types[name], default=getattr(train_loop.TrainConfig, name))
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    types, fields = typing.get_type_hints(train_loop.TrainConfig), train_loop.TrainConfig.__dataclass_fields__
+    for name in FLAGS:  # train_loop.py's flags: the same names, types, defaults and help
+        field = fields[name]
+        parser.add_argument(f"--{name}", type=types[name], default=field.default, help=field.metadata["help"])
     return parser.parse_args(argv)
 
 

@@ -44,7 +44,10 @@ def runs(tiny_model_dir, tmp_path_factory):
     torch.set_num_threads(1)  # a tiny model on cores shared with other jobs: threads only wait for each other
     folder = tmp_path_factory.mktemp("minimal")
     csv_path = str(write_csv(folder / "reviews.csv", sentiment_rows(200)))  # 160 train rows: 20 batches of 8
-    flags = lambda out, *extra: tiny_args(tiny_model_dir("bert"), csv_path, folder / out, *SETTINGS, *extra)  # noqa: E731
+
+    def flags(out: str, *extra: str) -> list[str]:
+        return tiny_args(tiny_model_dir("bert"), csv_path, folder / out, *SETTINGS, *extra)
+
     # train_loop keeps the adapter of its *best* evaluation; the minimal loop keeps the last weights. So
     # train_loop evaluates once, at the end (--eval_every beyond the last step): its saved adapter is then
     # its last one too. The minimal loop still evaluates after every epoch; both evaluate before training.

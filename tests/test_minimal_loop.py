@@ -6,10 +6,12 @@ where loops go wrong: accumulation windows of 3 over 20 micro-batches (so each e
 window of 2), two epochs (a new shuffle each), warmup, clipping and weight decay.
 """
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import sentiment_rows, tiny_args, write_csv
 from safetensors.torch import load_file
 
@@ -36,10 +38,6 @@ def max_abs_diff(dir_a: Path, dir_b: Path) -> float:
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     """Run both loops once: ``(folder, train_loop's metrics.json dict, minimal loop's last metrics, flags)``."""
-    import json
-
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model on cores shared with other jobs: threads only wait for each other
     folder = tmp_path_factory.mktemp("minimal")

@@ -282,55 +282,6 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-# ----------------------------------------------------------------------------------------------
-# Training speed on CPU: dropout with a cheaper random mask
-# ----------------------------------------------------------------------------------------------
-# A profile of one MiniLM training step on 2 CPU cores (bench/README.md) put a third of the step in
-# ``aten::bernoulli_``: PyTorch's CPU dropout draws a random number per element, one at a time. A mask
-# needs far fewer random bits than that: 16 bits per element set p to within 1/65536, and one 64-bit
-# draw from ``torch.randint`` yields four of them. On a GPU the fused dropout kernel is already cheap.
-
-
-class FastDropout(torch.nn.Dropout):
-    """``nn.Dropout`` whose mask costs 16 random bits per element; about 3x cheaper on CPU.
-
-    Same contract: in training each element is zeroed with probability p and the rest are scaled so the
-    expected output equals the input; in eval it is the identity. p is rounded to a multiple of 1/65536
-    (0.1 becomes 0.100006) and the scale uses the rounded value, so the expectation stays exact. The bits
-    come from torch's default generator: ``set_seed`` and the RNG states in checkpoints cover them.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if self.p == 1:
-            return x * 0
-        drop_below = round(self.p * 65536)  # how many of the 65536 equally likely 16-bit values drop
-        words = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
-        bits = words.view(torch.int16)[: x.numel()].view(x.shape)  # uniform on -32768 .. 32767
-        keep = bits >= drop_below - 32768
-        # where() keeps only the 1-byte mask for the backward pass, as PyTorch's own dropout does.
-        return torch.where(keep, x * (65536 / (65536 - drop_below)), 0.0)
-
-
-def use_fast_dropout(model, device: torch.device) -> int:
-    """On CPU, turn every ``nn.Dropout`` of ``model`` (the model's own and LoRA's) into a
-    ``FastDropout`` with the same p; returns how many. Elsewhere leaves the model alone and returns 0.
-
-    The attention-probability dropout runs inside ``scaled_dot_product_attention`` and keeps
-    PyTorch's kernel. Re-classing in place keeps each module's p and position in the model, and
-    dropout has no weights, so saved adapters are unchanged.
-    """
-    if torch.device(device).type != "cpu":
-        return 0
-    swapped = 0
-    for module in model.modules():
-        if type(module) is torch.nn.Dropout:  # exactly nn.Dropout: subclasses may do more
-            module.__class__ = FastDropout
-            swapped += 1
-    return swapped
-
-
 def save_adapter(model, tokenizer, output_dir: str | Path, state_dict: dict | None = None) -> None:
     """Save adapter + head weights and the tokenizer so that
     ``AutoPeftModelForSequenceClassification.from_pretrained(output_dir)`` rebuilds the classifier.

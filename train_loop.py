@@ -20,8 +20,7 @@ window included), mixed precision (bf16/fp16 via Accelerate), gradient clipping,
 schedules with warmup counted in optimizer steps, weight decay only on weight matrices, DDP / FSDP /
 DeepSpeed through ``accelerate launch`` (no distributed code of our own), checkpoints every N steps and
 each epoch (written atomically, last K kept), exact resume mid-epoch, NaN/inf guard, early stopping
-with the best adapter kept, experiment trackers, optional ``torch.compile`` and merged export, and on
-CPU dropout masks drawn 3x cheaper (``lora_setup.FastDropout``: a third of a CPU step was spent there).
+with the best adapter kept, experiment trackers, optional ``torch.compile`` and merged export.
 """
 
 from __future__ import annotations
@@ -110,7 +109,6 @@ class TrainConfig:
     group_by_length: bool = _opt(True, "batch texts of similar length together (less padding)")
     num_workers: typing.Optional[int] = _opt(None, "DataLoader workers (default: 2 on GPU, 0 on CPU)")
     compile: bool = _opt(False, "torch.compile the model")
-    fast_dropout: bool = _opt(True, "on CPU, draw dropout masks from 16 random bits (3x cheaper, same p)")
     # Evaluation, logging, checkpoints
     eval_batch_size: int = _opt(128, "batch size for evaluation")
     eval_every: int = _opt(0, "evaluate every N optimizer steps (0 = at each epoch end)")
@@ -475,8 +473,6 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
         train=False, **options)
 
     model, head_modules = build_model(cfg, splits.label_names, tokenizer.pad_token_id)
-    if cfg.fast_dropout:  # a third of a CPU training step went to drawing dropout masks (lora_setup.py)
-        lora_setup.use_fast_dropout(model, accelerator.device)
     trainable, total = lora_setup.count_parameters(model)
     accelerator.print(f"model: {cfg.model}; new modules trained in full: {head_modules}; trainable parameters "
                       f"{trainable:,} of {total:,} ({100 * trainable / total:.2f} %)")

@@ -61,7 +61,7 @@ def test_table_and_files(tiny_benchmark, tmp_path):
                    "forward ms", "backward + clip ms", "data + other ms"):
         assert header in table
     body = [line for line in table.splitlines() if line.startswith("| (") or line.startswith("| TF-IDF")]
-    assert len(body) == 6 + 5  # the main table, then the time split of the five trained runs
+    assert len(body) == 5 + 4  # the main table, then the time split of the four trained runs
     assert body[5].startswith("| TF-IDF") and body[5].count(" - ") >= 5  # the baseline has no speed figures
     output = tmp_path / "results" / "tiny.md"
     bench_speed.write_results(rows, meta, table, output)

@@ -32,7 +32,6 @@ import math
 import os
 import sys
 import typing
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ import data
 import eval as evaluation
 import lora_setup
 import metering
+import reporting
 import run_dir
 from checkpointing import CheckpointError, TrainState
 
@@ -160,7 +160,7 @@ def validate_config(cfg: TrainConfig) -> None:
          f"--lr_scheduler must be linear, cosine or constant (got {cfg.lr_scheduler!r})"),
         (cfg.mixed_precision in ("auto", "no", "bf16", "fp16"),
          f"--mixed_precision must be auto, no, bf16 or fp16 (got {cfg.mixed_precision!r})"),
-        (cfg.lora_bias in ("none", "all", "lora_only"), f"--lora_bias must be none, all or lora_only"),
+        (cfg.lora_bias in ("none", "all", "lora_only"), "--lora_bias must be none, all or lora_only"),
         (cfg.metric_for_best in evaluation.REPORT_METRICS,  # checked now, not after a whole epoch
          f"--metric_for_best must be one of {', '.join(evaluation.REPORT_METRICS)} (got {cfg.metric_for_best!r})"),
     ]
@@ -761,8 +761,8 @@ def finish(run: Run, state: TrainState, baseline: dict, final: dict) -> dict:
         checkpointing.save_adapter(accelerator, run.model, run.tokenizer, output.path)
         if accelerator.is_main_process:
             (output.path / "metrics.json").write_text(json.dumps(results, indent=2))
-            evaluation.save_plots(output.path, results)  # first: the report links the PNGs it finds
-            evaluation.write_report(output.path, results)
+            reporting.save_plots(output.path, results)  # first: the report links the PNGs it finds
+            reporting.write_report(output.path, results)
             if cfg.merge:
                 # A 4-bit base would round the merged weights to 4 bits: merge on the full-precision base.
                 to_merge = (lora_setup.load_adapter(output.path)[0] if cfg.load_in_4bit
@@ -772,7 +772,7 @@ def finish(run: Run, state: TrainState, baseline: dict, final: dict) -> dict:
     accelerator.end_training()
     if accelerator.is_main_process and (output.path / "logs").is_dir():
         output.record(output.path / "logs")
-    accelerator.print("\n" + evaluation.format_comparison(baseline, final, run.label_names))
+    accelerator.print("\n" + reporting.format_comparison(baseline, final, run.label_names))
     accelerator.print(f"trainable parameters: {run.trainable_parameters:,} of {run.total_parameters:,} "
                       f"({100 * results['trainable_share']:.2f} %); training {state.train_seconds:.0f} s, "
                       f"{results['train_samples_per_s']:.1f} samples/s; adapter and report.md saved to {output.path}")

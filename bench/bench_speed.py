@@ -58,6 +58,7 @@ import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import lora_setup  # noqa: E402
 import metering  # noqa: E402
+import reporting  # noqa: E402
 import train_loop  # noqa: E402
 
 ARMS = {
@@ -525,7 +526,7 @@ SPLIT_COLUMNS = [  # where the time of one optimizer step goes (see Meter)
 def markdown_table(rows: list[dict], columns) -> list[str]:
     """``columns`` are (header, key, format) triples; a missing value shows as '-'."""
     cells = [[fmt.format(row[key]) if row.get(key) is not None else "-" for _, key, fmt in columns] for row in rows]
-    return evaluation.markdown_table([header for header, _, _ in columns], cells).splitlines()
+    return reporting.markdown_table([header for header, _, _ in columns], cells).splitlines()
 
 
 def format_table(rows: list[dict], meta: dict) -> str:

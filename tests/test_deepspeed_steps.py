@@ -12,7 +12,6 @@ and must stop a NaN before the engine's step.
 import math
 
 import pytest
-import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from test_train_loop import make_lora_model, tiny_loader

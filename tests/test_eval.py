@@ -12,6 +12,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 
 import data
 import eval as evaluation
+import reporting
 import lora_setup
 
 
@@ -143,9 +144,9 @@ def test_report_says_macro_f1_counts_classes_absent_from_the_eval_split():
     from test_report import fake_results
 
     true, predicted = [0, 0, 0, 2, 2, 2], [0, 0, 1, 2, 2, 2]  # no eval sample of class 1 ("neutral")
-    report = evaluation.format_report(fake_results(true=true, before=[0] * 6, after=predicted))
+    report = reporting.format_report(fake_results(true=true, before=[0] * 6, after=predicted))
     assert "the eval split holds no sample of `neutral`" in report and "f1_macro" in report
-    assert "holds no sample" not in evaluation.format_report(fake_results())
+    assert "holds no sample" not in reporting.format_report(fake_results())
 
 
 def test_evaluation_under_fsdp_runs_without_inference_mode():

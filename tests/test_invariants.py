@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 import checkpointing
 import eval as evaluation
+import reporting
 import train_loop
 
 SEQUENCES = int(os.environ.get("INVARIANT_SEQUENCES", "16"))
@@ -78,7 +79,7 @@ def protected_files(sandbox):
 
 @pytest.fixture(autouse=True)
 def no_plots(monkeypatch):
-    monkeypatch.setattr(evaluation, "save_plots", lambda *a, **k: [])  # PNGs are not what is tested here
+    monkeypatch.setattr(reporting, "save_plots", lambda *a, **k: [])  # PNGs are not what is tested here
 
 
 def test_random_operation_sequences_keep_every_invariant(tiny_model_dir, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import yaml
 from conftest import sentiment_rows, tiny_args, write_csv
 
 import eval as evaluation
+import reporting
 import train_loop
 
 NAMES = ["negative", "neutral", "positive"]
@@ -71,7 +72,7 @@ def test_balanced_accuracy_sees_an_ignored_rare_class():
 
 def test_report_holds_tables_time_share_and_a_reusable_config(tmp_path):
     results = fake_results()
-    text = evaluation.write_report(tmp_path, results).read_text()
+    text = reporting.write_report(tmp_path, results).read_text()
     assert "| accuracy | 0.3333 | 0.7778 | +0.4444 |" in text
     assert "| balanced_accuracy | 0.3333 | 0.7778 | +0.4444 |" in text
     assert "| loss | 1.1000 | 0.4000 | -0.7000 |" in text
@@ -90,16 +91,16 @@ def test_report_holds_tables_time_share_and_a_reusable_config(tmp_path):
 
 
 def test_binary_report_names_the_positive_class():
-    text = evaluation.format_report(fake_results(["bad", "good"], [0, 0, 1, 1], [0, 0, 0, 0], [0, 1, 1, 1]))
+    text = reporting.format_report(fake_results(["bad", "good"], [0, 0, 1, 1], [0, 0, 0, 0], [0, 1, 1, 1]))
     assert "positive class `good`" in text and "| **good** | 0 | 2 |" in text
 
 
 def test_report_links_the_plots_that_exist(tmp_path):
     pytest.importorskip("matplotlib")
     results = fake_results()
-    paths = evaluation.save_plots(tmp_path, results)
-    text = evaluation.write_report(tmp_path, results).read_text()
-    assert [p.name for p in paths] == [evaluation.CURVES_FILE, evaluation.CONFUSION_FILE]
+    paths = reporting.save_plots(tmp_path, results)
+    text = reporting.write_report(tmp_path, results).read_text()
+    assert [p.name for p in paths] == [reporting.CURVES_FILE, reporting.CONFUSION_FILE]
     for path in paths:
         assert f"]({path.name})" in text
 
@@ -109,7 +110,7 @@ def test_report_from_the_command_line(tmp_path, capsys):
     assert "metrics.json' does not exist" in capsys.readouterr().err
     (tmp_path / "metrics.json").write_text(json.dumps(fake_results()))
     assert evaluation.main(["--adapter_dir", str(tmp_path), "--report"]) == 0
-    assert "| accuracy | 0.3333 | 0.7778 | +0.4444 |" in (tmp_path / evaluation.REPORT_FILE).read_text()
+    assert "| accuracy | 0.3333 | 0.7778 | +0.4444 |" in (tmp_path / reporting.REPORT_FILE).read_text()
 
 
 # --- plots ------------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ def test_report_from_the_command_line(tmp_path, capsys):
 
 def test_plots_are_pngs_sized_for_reading(tmp_path):
     pytest.importorskip("matplotlib")
-    curves, confusion = evaluation.save_plots(tmp_path, fake_results())
+    curves, confusion = reporting.save_plots(tmp_path, fake_results())
     width, height = png_size(curves)
     assert width > 2 * height > 800  # three panels side by side
     width, height = png_size(confusion)
@@ -126,7 +127,7 @@ def test_plots_are_pngs_sized_for_reading(tmp_path):
 
 def test_plots_are_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    assert evaluation.save_plots(tmp_path, fake_results()) == []
+    assert reporting.save_plots(tmp_path, fake_results()) == []
     note = capsys.readouterr().out
     assert "matplotlib is not installed" in note and "pip install" in note and note.count("\n") == 1
     assert not list(tmp_path.iterdir())
@@ -148,5 +149,5 @@ def test_three_class_csv_end_to_end(tiny_model_dir, tmp_path):
         assert sum(row["support"] for row in metrics["per_class"].values()) == metrics["num_samples"] == 40
         assert len(metrics["confusion_matrix"]) == 3 and all(len(row) == 3 for row in metrics["confusion_matrix"])
         assert metrics["f1"] == metrics["f1_macro"]
-    text = evaluation.write_report(out, results).read_text()
+    text = reporting.write_report(out, results).read_text()
     assert "| **neutral** |" in text and str(results["config"]["max_steps"]) in text

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from conftest import sentiment_rows, tiny_args, write_csv
+from conftest import sentiment_rows, tiny_args
 
 import data
 import lora_setup

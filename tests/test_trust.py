@@ -7,9 +7,7 @@ behaviour, not the implementation.
 
 import dataclasses
 import json
-import os
 import pickle
-import shutil
 from pathlib import Path
 
 import pytest

@@ -83,6 +83,8 @@ class TrainConfig:
     output_dir: str = _opt("outputs/run", "where the adapter, metrics.json and checkpoints go")
     overwrite: bool = _opt(False, "replace an output dir that already holds a run")
     seed: int = _opt(42, "seed for the split, data order, head init and dropout")
+    truncation: str = _opt("head", "which tokens of a text longer than --max_length are kept: head | tail | "
+                           "head+tail (the first quarter and last three quarters of the budget, after Sun et al. 2019)")
     # LoRA
     lora_r: int = _opt(16, "LoRA rank")
     lora_alpha: int = _opt(32, "LoRA scaling numerator (update scaled by alpha/r)")
@@ -111,6 +113,9 @@ class TrainConfig:
     num_workers: typing.Optional[int] = _opt(None, "DataLoader workers (default: 2 on GPU, 0 on CPU)")
     compile: bool = _opt(False, "torch.compile the model")
     fast_dropout: bool = _opt(True, "on CPU, draw dropout masks from 16 random bits (3x cheaper, same p)")
+    class_weights: str = _opt("none", "weight each class in the training loss: none | auto (inverse class "
+                              "frequency of the train split, averaging 1 over its rows) | w1,w2,... one per class "
+                              "(eval loss stays unweighted)")
     # Evaluation, logging, checkpoints
     eval_batch_size: int = _opt(128, "batch size for evaluation")
     eval_every: int = _opt(0, "evaluate every N optimizer steps (0 = at each epoch end)")
@@ -153,10 +158,17 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.mixed_precision in ("auto", "no", "bf16", "fp16"),
          f"--mixed_precision must be auto, no, bf16 or fp16 (got {cfg.mixed_precision!r})"),
         (cfg.lora_bias in ("none", "all", "lora_only"), f"--lora_bias must be none, all or lora_only"),
+        (cfg.truncation in data.TRUNCATION_SIDES,
+         f"--truncation must be one of {', '.join(data.TRUNCATION_SIDES)} (got {cfg.truncation!r})"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if cfg.class_weights not in ("auto", "none"):
+        try:
+            data.parse_class_weights(cfg.class_weights)  # the count is checked once the data is loaded
+        except data.DataError as err:
+            raise ConfigError(str(err)) from None
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -359,6 +371,7 @@ class Run:
     trainable_parameters: int
     total_parameters: int
     resume_from: Path | None = None  # the checkpoint to continue from, already checked
+    class_weights: torch.Tensor | None = None  # per-class loss weights on the device (--class_weights)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -393,11 +406,15 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
     accelerator.print(f"data: {len(splits.train)} train / {len(splits.eval)} eval rows, labels {splits.label_names}")
     options = loader_options(cfg, on_gpu)
     train_loader = data.build_dataloader(
-        data.tokenize(splits.train, tokenizer, cfg.max_length), tokenizer.pad_token_id, cfg.batch_size,
-        train=True, group_by_length=cfg.group_by_length, seed=cfg.seed, **options)
+        data.tokenize(splits.train, tokenizer, cfg.max_length, cfg.truncation), tokenizer.pad_token_id,
+        cfg.batch_size, train=True, group_by_length=cfg.group_by_length, seed=cfg.seed, **options)
     eval_loader = data.build_dataloader(
-        data.tokenize(splits.eval, tokenizer, cfg.max_length), tokenizer.pad_token_id, cfg.eval_batch_size,
-        train=False, **options)
+        data.tokenize(splits.eval, tokenizer, cfg.max_length, cfg.truncation), tokenizer.pad_token_id,
+        cfg.eval_batch_size, train=False, **options)
+    weights = data.class_weights(cfg.class_weights, splits.train["label"], splits.num_labels)
+    if weights is not None:
+        accelerator.print("class weights in the loss: " + ", ".join(
+            f"{name} {w:.3f}" for name, w in zip(splits.label_names, weights)))
 
     model, head_modules = build_model(cfg, splits.label_names, tokenizer.pad_token_id)
     if cfg.fast_dropout:  # a third of a CPU training step went to drawing dropout masks (lora_setup.py)
@@ -424,7 +441,8 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
         accelerator.init_trackers("lora-text-classification", config={
             k: v for k, v in dataclasses.asdict(cfg).items() if v is not None and not isinstance(v, list)})
     return Run(cfg, accelerator, output, tokenizer, splits.label_names, model, optimizer, scheduler, train_loader,
-               eval_loader, steps_per_epoch, total_steps, trainable, total, resume_from)
+               eval_loader, steps_per_epoch, total_steps, trainable, total, resume_from,
+               None if weights is None else torch.tensor(weights, device=accelerator.device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,7 +502,8 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped before the optimizer applied it."""
 
 
-def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max_grad_norm: float) -> dict:
+def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max_grad_norm: float,
+               class_weights: torch.Tensor | None = None) -> dict:
     """One optimizer step over an accumulation window of micro-batches.
 
     Loss normalisation, the part most loops get subtly wrong: the optimizer should see the gradient of
@@ -494,6 +513,11 @@ def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max
     ``accumulation_steps * batch_size``). DDP then *averages* gradients over processes, so we multiply
     by the process count to turn that average back into the sum we want.
 
+    With ``class_weights`` (one per class) sample i counts ``w[y_i]`` times: the loss is the weighted mean
+    ``sum(w_i * loss_i) / sum(w_i)`` over the whole window and all processes, so N above becomes the
+    window's total weight. (Dividing by the sample count instead would rescale the step by the window's
+    mix of classes, which differs from window to window.) Without weights every w_i is 1: the plain mean.
+
     The NaN guard runs before the last micro-batch's backward: under DeepSpeed that backward is where
     the engine clips and steps, so checking later would be too late for the weights.
 
@@ -501,8 +525,11 @@ def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max
     device tensor, read only when logging): nothing here waits for the GPU except the one NaN check.
     """
     local_samples = sum(len(b["labels"]) for b in window)
-    window_samples = accelerator.reduce(torch.tensor(float(local_samples), device=accelerator.device), reduction="sum")
-    scale = accelerator.num_processes / window_samples
+    local_weight = (sum(class_weights[b["labels"]].sum() for b in window) if class_weights is not None
+                    else torch.tensor(float(local_samples), device=accelerator.device))
+    window_weight = accelerator.reduce(local_weight, reduction="sum")  # the sample count when unweighted
+    # A window made only of zero-weight classes (--class_weights 0,1) has nothing to learn: loss and step 0, not NaN.
+    scale = accelerator.num_processes / window_weight.clamp(min=1e-12)
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
         is_last = i == len(window) - 1
@@ -511,10 +538,11 @@ def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max
         accelerator.gradient_state._set_sync_gradients(is_last)
         with nullcontext() if is_last else accelerator.no_sync(model):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+            # reduction="sum" with weight= gives sum(w_i * loss_i), NOT normalised: we divide by the window's weight.
+            loss = F.cross_entropy(logits.float(), batch["labels"], weight=class_weights, reduction="sum")
             loss_sum += loss.detach()
             if is_last:
-                mean_loss = (accelerator.reduce(loss_sum, reduction="sum") / window_samples).item()  # the one sync
+                mean_loss = (accelerator.reduce(loss_sum, reduction="sum") / window_weight.clamp(min=1e-12)).item()  # the one sync
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLossError(f"loss is {mean_loss}")  # nothing applied: the weights stay good
             accelerator.backward(loss * scale * engine_loss_divisor(accelerator))
@@ -581,7 +609,8 @@ def fit(run: Run, state: TrainState, keeper: checkpointing.BestAdapter) -> None:
             batches = accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
         for window in accumulation_windows(batches, cfg.gradient_accumulation_steps):
             try:
-                stats = train_step(run.model, run.optimizer, run.scheduler, window, accelerator, cfg.max_grad_norm)
+                stats = train_step(run.model, run.optimizer, run.scheduler, window, accelerator, cfg.max_grad_norm,
+                                   run.class_weights)
             except NonFiniteLossError as err:
                 raise NonFiniteLossError(
                     f"{err} at optimizer step {state.global_step + 1} (epoch {state.epoch + 1}); nothing from this step "

@@ -7,6 +7,7 @@ Run on its own:
     python eval.py --adapter_dir outputs/run --predict "great film" "dull and long"
     python eval.py --adapter_dir outputs/run --predict_file texts.txt --output predictions.csv
     python eval.py --adapter_dir outputs/run --report               # (re)write report.md and the plots
+    python eval.py --adapter_dir outputs/run --export onnx outputs/run/onnx/model.onnx   # to serve (export_onnx.py)
 """
 
 from __future__ import annotations
@@ -363,7 +364,20 @@ def _parse_args(argv):
     parser.add_argument("--max_length", type=int, default=None, help="default: the run's own")
     parser.add_argument("--report", action="store_true",
                         help="write report.md and the PNG plots from the run's metrics.json, then stop")
+    parser.add_argument("--export", nargs=2, metavar=("FORMAT", "PATH"),
+                        help="merge the adapter and write a model to serve, then stop: onnx PATH.onnx (export_onnx.py)")
     return parser.parse_args(argv)
+
+
+def export(adapter_dir: str, kind: str, path: str) -> int:
+    """``--export onnx PATH``: the merged model as one ONNX file (export_onnx.py)."""
+    if kind != "onnx":
+        print(f"error: --export supports onnx only (got {kind!r})", file=sys.stderr)
+        return 2
+    import export_onnx
+
+    print(f"wrote {export_onnx.export_adapter(adapter_dir, path)} (+ config.json and the tokenizer beside it)")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -382,6 +396,8 @@ def main(argv=None) -> int:
             plots = save_plots(args.adapter_dir, results)
             print(f"wrote {write_report(args.adapter_dir, results)}" + "".join(f", {p}" for p in plots))
             return 0
+        if args.export:
+            return export(args.adapter_dir, *args.export)
         run_config = json.loads(run_file.read_text())["config"] if run_file.is_file() else {}
         max_length = args.max_length or run_config.get("max_length", 256)
         accelerator = Accelerator()

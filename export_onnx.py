@@ -51,7 +51,7 @@ def export_model(model, tokenizer, output_path: str | Path) -> Path:
     inputs = tuple(example[name] for name in INPUT_NAMES)
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     program = torch.onnx.export(
-        _LogitsOnly(merged), inputs, input_names=list(INPUT_NAMES), output_names=["logits"], opset_version=OPSET,
+        _LogitsOnly(merged).eval(), inputs, input_names=list(INPUT_NAMES), output_names=["logits"], opset_version=OPSET,
         dynamic_shapes={name: {0: batch, 1: sequence} for name in INPUT_NAMES}, dynamo=True, verbose=False)
     program.model.metadata_props["id2label"] = json.dumps({str(i): n for i, n in merged.config.id2label.items()})
     program.save(str(output_path))  # one file: the MiniLM weights (91 MB) fit under protobuf's 2 GB limit

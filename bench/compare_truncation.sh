@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 OUT=$1; shift
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-for side in head head+tail tail; do
+for side in ${SIDES:-head head+tail tail}; do
   run="$OUT/${side/+/_}"
   $PY train_loop.py --dataset embedded:imdb --max_length 128 --max_train_samples 3000 --max_eval_samples 1000 \
     --num_epochs 1 --seed 42 --truncation "$side" --output_dir "$run" --overwrite "$@" > "$run.log" 2>&1 \

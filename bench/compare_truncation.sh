@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # head vs head+tail (vs tail) truncation on the same budget, same seed, same split (docs/user_paths.md).
-#   bash bench/compare_truncation.sh OUT_DIR [extra train_loop flags...]
+#   bash bench/compare_truncation.sh OUT_DIR [extra train_loop flags...]   (later flags override the budget)
+#   SIDES="head head+tail" PYTHON=.venv/bin/python bash bench/compare_truncation.sh /tmp/trunc
 # Prints one line per side: accuracy, balanced accuracy, training seconds; each run's metrics.json stays in OUT_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -311,11 +311,12 @@ def tokenize(ds, tokenizer, max_length: int, truncation: str = "head"):
     if truncation not in TRUNCATION_SIDES:
         raise DataError(f"truncation must be one of {', '.join(TRUNCATION_SIDES)} (got {truncation!r})")
 
+    front, back = special_token_counts(tokenizer)
+
     def encode(batch):
         if truncation == "head":  # the tokenizer's own truncation keeps the head
             ids = tokenizer(batch["text"], truncation=True, max_length=max_length)["input_ids"]
-        else:
-            front, back = special_token_counts(tokenizer)
+        else:  # tokenize in full, then cut: the tokenizer has no "keep both ends" mode
             ids = [truncate_ids(row, max_length, truncation, front, back)
                    for row in tokenizer(batch["text"], truncation=False)["input_ids"]]
         return {"input_ids": ids, "labels": batch["label"]}

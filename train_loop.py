@@ -527,9 +527,10 @@ def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max
     local_samples = sum(len(b["labels"]) for b in window)
     local_weight = (sum(class_weights[b["labels"]].sum() for b in window) if class_weights is not None
                     else torch.tensor(float(local_samples), device=accelerator.device))
-    window_weight = accelerator.reduce(local_weight, reduction="sum")  # the sample count when unweighted
-    # A window made only of zero-weight classes (--class_weights 0,1) has nothing to learn: loss and step 0, not NaN.
-    scale = accelerator.num_processes / window_weight.clamp(min=1e-12)
+    # The sample count when unweighted. A window made only of zero-weight classes (--class_weights 0,1) has
+    # nothing to learn: the clamp makes its loss and step 0 instead of 0/0 = NaN.
+    window_weight = accelerator.reduce(local_weight, reduction="sum").clamp(min=1e-12)
+    scale = accelerator.num_processes / window_weight
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
         is_last = i == len(window) - 1
@@ -542,7 +543,7 @@ def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max
             loss = F.cross_entropy(logits.float(), batch["labels"], weight=class_weights, reduction="sum")
             loss_sum += loss.detach()
             if is_last:
-                mean_loss = (accelerator.reduce(loss_sum, reduction="sum") / window_weight.clamp(min=1e-12)).item()  # the one sync
+                mean_loss = (accelerator.reduce(loss_sum, reduction="sum") / window_weight).item()  # the one sync
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLossError(f"loss is {mean_loss}")  # nothing applied: the weights stay good
             accelerator.backward(loss * scale * engine_loss_divisor(accelerator))

@@ -63,6 +63,18 @@ def test_weighted_loss_and_gradient_are_the_weighted_mean_over_the_whole_window(
         torch.testing.assert_close(grad, reference_grads[name], rtol=1e-5, atol=1e-7)
 
 
+def test_a_window_of_only_zero_weight_classes_steps_by_nothing(tiny_model_dir, accelerator):
+    model, tokenizer = make_lora_model(tiny_model_dir("bert"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batch = next(iter(tiny_loader(tokenizer, 8, 8)))
+    batch["labels"] = torch.zeros_like(batch["labels"])  # all class 0, whose weight is 0
+    optimizer = train_loop.build_optimizer(model, 1e-2, 0.0)
+    scheduler = train_loop.build_scheduler(optimizer, "constant", 0, 10)
+    stats = train_loop.train_step(model, optimizer, scheduler, [batch], accelerator, 1.0, torch.tensor([0.0, 1.0]))
+    assert stats["loss"] == 0.0  # not NaN: nothing to learn from this window
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
 def imbalanced_csv(tmp_path):
     """800 learnable rows, 90 % negative and 10 % positive (conftest's synthetic reviews, subsampled)."""
     rows = sentiment_rows(1600, seed=1)

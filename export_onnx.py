@@ -16,6 +16,7 @@ through onnxscript.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def export_model(model, tokenizer, output_path: str | Path) -> Path:
     """Merge the LoRA ``model`` (a PeftModel) and write it to ``output_path`` (.onnx), with config.json
     and the tokenizer beside it. Refuses a 4-bit base, as merging does. The model is merged in place."""
     lora_setup.check_mergeable(model, "export")
+    if importlib.util.find_spec("onnxscript") is None:  # torch's exporter writes the graph through it
+        raise lora_setup.ModelSetupError("ONNX export needs the onnxscript package (and onnxruntime to run the "
+                                         "result): pip install -r requirements-extras.txt")
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     merged = model.merge_and_unload().float().eval()

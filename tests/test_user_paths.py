@@ -229,3 +229,12 @@ def test_export_and_merge_refuse_a_4bit_base(saved_run, tmp_path):
     with pytest.raises(lora_setup.ModelSetupError, match="cannot merge a 4-bit"):
         lora_setup.merge_and_save(model, tokenizer, tmp_path / "merged")
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_export_without_onnxscript_says_what_to_install(saved_run, tmp_path, monkeypatch, capsys):
+    import eval as evaluation
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real_find_spec(name, *a))
+    assert evaluation.main(["--adapter_dir", str(saved_run), "--export", "onnx", str(tmp_path / "m.onnx")]) == 2
+    assert "pip install -r requirements-extras.txt" in capsys.readouterr().err

@@ -7,6 +7,7 @@ Run on its own:
     python eval.py --adapter_dir outputs/run --predict "great film" "dull and long"
     python eval.py --adapter_dir outputs/run --predict_file texts.txt --output predictions.csv
     python eval.py --adapter_dir outputs/run --report               # (re)write report.md and the plots
+    python eval.py --adapter_dir outputs/run --export onnx outputs/run/onnx/model.onnx   # to serve (export_onnx.py)
 """
 
 from __future__ import annotations
@@ -242,7 +243,20 @@ def _parse_args(argv):
     parser.add_argument("--max_length", type=int, default=None, help="default: the run's own")
     parser.add_argument("--report", action="store_true",
                         help="write report.md and the PNG plots from the run's metrics.json, then stop")
+    parser.add_argument("--export", nargs=2, metavar=("FORMAT", "PATH"),
+                        help="merge the adapter and write a model to serve, then stop: onnx PATH.onnx (export_onnx.py)")
     return parser.parse_args(argv)
+
+
+def export(adapter_dir: str, kind: str, path: str) -> int:
+    """``--export onnx PATH``: the merged model as one ONNX file (export_onnx.py)."""
+    if kind != "onnx":
+        print(f"error: --export supports onnx only (got {kind!r})", file=sys.stderr)
+        return 2
+    import export_onnx
+
+    print(f"wrote {export_onnx.export_adapter(adapter_dir, path)} (+ config.json and the tokenizer beside it)")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -263,6 +277,8 @@ def main(argv=None) -> int:
             plots = reporting.save_plots(args.adapter_dir, results)
             print(f"wrote {reporting.write_report(args.adapter_dir, results)}" + "".join(f", {p}" for p in plots))
             return 0
+        if args.export:
+            return export(args.adapter_dir, *args.export)
         texts = list(args.predict or []) + (read_texts(args.predict_file) if args.predict_file else [])
         run_config = read_run(args.adapter_dir).get("config", {})
         max_length = args.max_length or run_config.get("max_length", 256)
@@ -288,8 +304,8 @@ def main(argv=None) -> int:
         if splits.label_names != label_names:
             raise data.DataError(f"dataset labels {splits.label_names} differ from the model's {label_names}; "
                                  "evaluate on data with the classes the model was trained on")
-        loader = data.build_dataloader(data.tokenize(splits.eval, tokenizer, max_length), tokenizer.pad_token_id,
-                                       args.batch_size, train=False)
+        tokens = data.tokenize(splits.eval, tokenizer, max_length, run_config.get("truncation", "head"))  # as trained
+        loader = data.build_dataloader(tokens, tokenizer.pad_token_id, args.batch_size, train=False)
         metrics = evaluate(model, accelerator.prepare(loader), accelerator, label_names)
         if accelerator.is_main_process:
             for note in splits.notes:

@@ -333,11 +333,17 @@ def merge_and_save(model, tokenizer, output_dir: str | Path) -> None:
     ``W + (alpha / r) * B @ A`` becomes the new ``W``; the trained head replaces the original one. The
     LoRA layers are removed from ``model`` in place, so call this last.
     """
-    if getattr(model.get_base_model(), "hf_quantizer", None) is not None:
-        raise ModelSetupError(
-            "cannot merge into a 4-bit (QLoRA) base: the merged weights would be rounded to 4 bits; reload the "
-            "saved adapter on the full-precision base with lora_setup.load_adapter(output_dir) and merge that"
-        )
+    check_mergeable(model, "merge")
     merged = model.merge_and_unload()
     merged.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
+
+
+def check_mergeable(model, action: str = "merge") -> None:
+    """Refuse to merge (or export) a LoRA model whose base is 4-bit: the merged weights would be rounded
+    to 4 bits. ``load_adapter`` reloads the same adapter on the full-precision base, which merges cleanly."""
+    if getattr(model.get_base_model(), "hf_quantizer", None) is not None:
+        raise ModelSetupError(
+            f"cannot {action} a 4-bit (QLoRA) base: the merged weights would be rounded to 4 bits; reload the "
+            "saved adapter on the full-precision base with lora_setup.load_adapter(output_dir) and use that"
+        )

@@ -82,6 +82,8 @@ class TrainConfig:
     output_dir: str = _opt("outputs/run", "where the adapter, metrics.json and checkpoints go")
     overwrite: bool = _opt(False, "replace an output dir that already holds a run")
     seed: int = _opt(42, "seed for the split, data order, head init and dropout")
+    truncation: str = _opt("head", "which tokens of a text longer than --max_length are kept: head | tail | "
+                           "head+tail (the first quarter and last three quarters of the budget, after Sun et al. 2019)")
     # LoRA
     lora_r: int = _opt(16, "LoRA rank")
     lora_alpha: int = _opt(32, "LoRA scaling numerator (update scaled by alpha/r)")
@@ -109,6 +111,9 @@ class TrainConfig:
     group_by_length: bool = _opt(True, "batch texts of similar length together (less padding)")
     num_workers: typing.Optional[int] = _opt(None, "DataLoader workers (default: 2 on GPU, 0 on CPU)")
     compile: bool = _opt(False, "torch.compile the model")
+    class_weights: str = _opt("none", "weight each class in the training loss: none | auto (inverse class "
+                              "frequency of the train split, averaging 1 over its rows) | w1,w2,... one per class "
+                              "(eval loss stays unweighted)")
     # Evaluation, logging, checkpoints
     eval_batch_size: int = _opt(128, "batch size for evaluation")
     eval_every: int = _opt(0, "evaluate every N optimizer steps (0 = at each epoch end)")
@@ -163,6 +168,8 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.lora_bias in ("none", "all", "lora_only"), "--lora_bias must be none, all or lora_only"),
         (cfg.metric_for_best in evaluation.REPORT_METRICS,  # checked now, not after a whole epoch
          f"--metric_for_best must be one of {', '.join(evaluation.REPORT_METRICS)} (got {cfg.metric_for_best!r})"),
+        (cfg.truncation in data.TRUNCATION_SIDES,
+         f"--truncation must be one of {', '.join(data.TRUNCATION_SIDES)} (got {cfg.truncation!r})"),
     ]
     for ok, message in checks:
         if not ok:
@@ -172,6 +179,12 @@ def validate_config(cfg: TrainConfig) -> None:
     trackers = [t.value for t in LoggerType]  # "all" is one of them
     if cfg.report_to is not None and cfg.report_to not in trackers:
         raise ConfigError(f"--report_to must be one of {', '.join(trackers)} (got {cfg.report_to!r})")
+
+    if cfg.class_weights not in ("auto", "none"):
+        try:
+            data.parse_class_weights(cfg.class_weights)  # the count is checked once the data is loaded
+        except data.DataError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _field_type(name: str) -> tuple[type, bool]:
@@ -431,6 +444,7 @@ class Run:
     trainable_parameters: int
     total_parameters: int
     resume_from: Path | None = None  # the checkpoint to continue from, already checked
+    class_weights: torch.Tensor | None = None  # per-class loss weights on the device (--class_weights)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -465,12 +479,16 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
     accelerator.print(f"data: {len(splits.train)} train / {len(splits.eval)} eval rows, labels {splits.label_names}")
     options = loader_options(cfg, on_gpu)
     train_loader = data.build_dataloader(
-        data.tokenize(splits.train, tokenizer, cfg.max_length), tokenizer.pad_token_id, cfg.batch_size,
-        train=True, group_by_length=cfg.group_by_length, seed=cfg.seed, num_processes=accelerator.num_processes,
-        **options)
+        data.tokenize(splits.train, tokenizer, cfg.max_length, cfg.truncation), tokenizer.pad_token_id,
+        cfg.batch_size, train=True, group_by_length=cfg.group_by_length, seed=cfg.seed,
+        num_processes=accelerator.num_processes, **options)
     eval_loader = data.build_dataloader(
-        data.tokenize(splits.eval, tokenizer, cfg.max_length), tokenizer.pad_token_id, cfg.eval_batch_size,
-        train=False, **options)
+        data.tokenize(splits.eval, tokenizer, cfg.max_length, cfg.truncation), tokenizer.pad_token_id,
+        cfg.eval_batch_size, train=False, **options)
+    weights = data.class_weights(cfg.class_weights, splits.train["label"], splits.num_labels)
+    if weights is not None:
+        accelerator.print("class weights in the loss: " + ", ".join(
+            f"{name} {w:.3f}" for name, w in zip(splits.label_names, weights)))
 
     model, head_modules = build_model(cfg, splits.label_names, tokenizer.pad_token_id)
     trainable, total = lora_setup.count_parameters(model)
@@ -497,7 +515,8 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
         accelerator.init_trackers("lora-text-classification", config={
             k: v for k, v in dataclasses.asdict(cfg).items() if v is not None and not isinstance(v, list)})
     return Run(cfg, accelerator, output, tokenizer, splits.label_names, model, optimizer, scheduler, train_loader,
-               eval_loader, steps_per_epoch, total_steps, trainable, total, resume_from)
+               eval_loader, steps_per_epoch, total_steps, trainable, total, resume_from,
+               None if weights is None else torch.tensor(weights, device=accelerator.device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,7 +576,8 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped before the optimizer applied it."""
 
 
-def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max_grad_norm: float) -> dict:
+def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max_grad_norm: float,
+               class_weights: torch.Tensor | None = None) -> dict:
     """One optimizer step over an accumulation window of micro-batches.
 
     Loss normalisation, the part most loops get subtly wrong: the optimizer should see the gradient of
@@ -566,6 +586,11 @@ def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max
     the window's total sample count over all processes (a short last window gets its real N, not
     ``accumulation_steps * batch_size``). DDP then *averages* gradients over processes, so we multiply
     by the process count to turn that average back into the sum we want.
+
+    With ``class_weights`` (one per class) sample i counts ``w[y_i]`` times: the loss is the weighted mean
+    ``sum(w_i * loss_i) / sum(w_i)`` over the whole window and all processes, so N above becomes the
+    window's total weight. (Dividing by the sample count instead would rescale the step by the window's
+    mix of classes, which differs from window to window.) Without weights every w_i is 1: the plain mean.
 
     The NaN guard runs before the last micro-batch's backward: under DeepSpeed that backward is where
     the engine clips and steps, so checking later would be too late for the weights.
@@ -577,10 +602,15 @@ def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max
     # Rows labelled IGNORED_LABEL are padding that keeps a process busy when a global batch has fewer rows
     # than processes (data.GlobalBatchSampler): cross-entropy ignores them, and so must the counts.
     real_rows = [b["labels"] != data.IGNORED_LABEL for b in window]
-    local = torch.stack([sum(r.sum() for r in real_rows),
-                         sum((b["attention_mask"].sum(1) * r).sum() for b, r in zip(window, real_rows))])
-    window_samples, window_tokens = accelerator.reduce(local.float(), reduction="sum")  # stays on the device
-    scale = accelerator.num_processes / window_samples
+    row_weights = [r.float() if class_weights is None else class_weights[b["labels"].clamp(min=0)] * r
+                   for b, r in zip(window, real_rows)]
+    local = torch.stack([sum(w.sum() for w in row_weights), sum(r.sum() for r in real_rows).float(),
+                         sum((b["attention_mask"].sum(1) * r).sum() for b, r in zip(window, real_rows)).float()])
+    window_weight, window_samples, window_tokens = accelerator.reduce(local, reduction="sum")  # on the device
+    # The sample count when unweighted. A window made only of zero-weight classes (--class_weights 0,1) has
+    # nothing to learn: the clamp makes its loss and step 0 instead of 0/0 = NaN.
+    window_weight = window_weight.clamp(min=1e-12)
+    scale = accelerator.num_processes / window_weight
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
         is_last = i == len(window) - 1
@@ -589,10 +619,11 @@ def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max
         accelerator.gradient_state._set_sync_gradients(is_last)
         with nullcontext() if is_last else accelerator.no_sync(model):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+            # reduction="sum" with weight= gives sum(w_i * loss_i), NOT normalised: we divide by the window's weight.
+            loss = F.cross_entropy(logits.float(), batch["labels"], weight=class_weights, reduction="sum")
             loss_sum += loss.detach()
             if is_last:
-                mean_loss = (accelerator.reduce(loss_sum, reduction="sum") / window_samples).item()  # the one sync
+                mean_loss = (accelerator.reduce(loss_sum, reduction="sum") / window_weight).item()  # the one sync
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLossError(f"loss is {mean_loss}")  # nothing applied: the weights stay good
             accelerator.backward(loss * scale * engine_loss_divisor(accelerator))
@@ -656,7 +687,8 @@ def fit(run: Run, state: TrainState, keeper: checkpointing.BestAdapter) -> None:
             batches = accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
         for window in accumulation_windows(batches, cfg.gradient_accumulation_steps):
             try:
-                stats = train_step(run.model, run.optimizer, run.scheduler, window, accelerator, cfg.max_grad_norm)
+                stats = train_step(run.model, run.optimizer, run.scheduler, window, accelerator, cfg.max_grad_norm,
+                                   run.class_weights)
             except NonFiniteLossError as err:
                 raise NonFiniteLossError(
                     f"{err} at optimizer step {state.global_step + 1} (epoch {state.epoch + 1}); nothing from this step "

@@ -41,7 +41,7 @@ def trainable_state(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def run_epochs(model, loader, accelerator, accumulation: int, epochs: int, lr: float = 1e-2):
+def run_epochs(model, loader, accelerator, accumulation: int, epochs: int, lr: float = 1e-2, class_weights=None):
     optimizer = train_loop.build_optimizer(model, lr, 0.01)
     total = epochs * -(-len(loader) // accumulation)
     scheduler = train_loop.build_scheduler(optimizer, "linear", 2, total)
@@ -49,7 +49,8 @@ def run_epochs(model, loader, accelerator, accumulation: int, epochs: int, lr: f
     for epoch in range(epochs):
         loader.sampler.set_epoch(epoch)
         for window in train_loop.accumulation_windows(loader, accumulation):
-            losses.append(train_loop.train_step(model, optimizer, scheduler, window, accelerator, 1.0)["loss"])
+            losses.append(train_loop.train_step(model, optimizer, scheduler, window, accelerator, 1.0,
+                                                class_weights)["loss"])
     return losses
 
 
@@ -61,13 +62,18 @@ def test_accumulation_windows_include_the_partial_last_window():
     assert [len(w) for w in train_loop.accumulation_windows(range(8), 4)] == [4, 4]
 
 
-def test_batch_8_x_accumulation_4_equals_batch_32(tiny_model_dir, accelerator):
-    """84 rows: windows of 32, 32 and a partial 20, for 3 epochs. Both runs must train identically."""
+@pytest.mark.parametrize("class_weights", [None, [0.3, 2.5]], ids=["unweighted", "class_weights"])
+def test_batch_8_x_accumulation_4_equals_batch_32(tiny_model_dir, accelerator, class_weights):
+    """84 rows: windows of 32, 32 and a partial 20, for 3 epochs. Both runs must train identically,
+    with class weights too: the weighted mean is taken over the whole window, not per micro-batch."""
     model_dir = tiny_model_dir("bert")
     small, tokenizer = make_lora_model(model_dir)
     big = copy.deepcopy(small)
-    losses_small = run_epochs(small, tiny_loader(tokenizer, 84, 8), accelerator, accumulation=4, epochs=3)
-    losses_big = run_epochs(big, tiny_loader(tokenizer, 84, 32), accelerator, accumulation=1, epochs=3)
+    weights = None if class_weights is None else torch.tensor(class_weights)
+    losses_small = run_epochs(small, tiny_loader(tokenizer, 84, 8), accelerator, accumulation=4, epochs=3,
+                              class_weights=weights)
+    losses_big = run_epochs(big, tiny_loader(tokenizer, 84, 32), accelerator, accumulation=1, epochs=3,
+                            class_weights=weights)
     assert len(losses_small) == len(losses_big) == 9  # the partial window still produces a step
     assert losses_small == pytest.approx(losses_big, abs=1e-5)
     a, b = trainable_state(small), trainable_state(big)

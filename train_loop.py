@@ -304,6 +304,8 @@ def resume_identity(cfg: TrainConfig, num_processes: int = 1) -> dict:
 def check_resume_identity(cfg: TrainConfig, saved: dict, path: Path, num_processes: int = 1) -> None:
     """Refuse a checkpoint whose run had other settings, naming each difference."""
     now = resume_identity(cfg, num_processes)
+    # A setting added after the checkpoint was written had its default value there.
+    saved = {**resume_identity(TrainConfig(), num_processes), **saved}
     changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(now) | set(saved)) if saved.get(k) != now.get(k)}
     if not changed:
         return

@@ -414,6 +414,21 @@ def _subsample(ds, limit: int | None, seed: int):
     return ds.shuffle(seed=seed).select(range(limit))
 
 
+DEFAULT_EVAL_ROWS, DEFAULT_EVAL_SHARE = 1000, 0.2
+
+
+def held_out_size(eval_size: float | None, rows: int, notes: list[str]) -> int | float:
+    """``--eval_size``: a count, a fraction below 1, or by default 1,000 rows or 20 % of them, whichever is
+    smaller, so that a 450-row dataset keeps most of its rows for training and still has an eval split."""
+    if eval_size is not None:
+        return int(eval_size) if eval_size >= 1 else eval_size
+    size = min(DEFAULT_EVAL_ROWS, int(DEFAULT_EVAL_SHARE * rows))
+    if size < DEFAULT_EVAL_ROWS:
+        notes.append(f"held out {size} of {rows} rows for evaluation (20 %; 1,000 for larger data); "
+                     "--eval_size sets another size")
+    return size
+
+
 def load_splits(
     dataset: str = DEFAULT_DATASET,
     *,
@@ -422,7 +437,7 @@ def load_splits(
     eval_file: str | None = None,
     dataset_config: str | None = None,
     eval_split: str | None = None,
-    eval_size: float = 1000,
+    eval_size: float | None = None,
     num_labels: int | None = None,
     seed: int = 42,
     max_train_samples: int | None = None,
@@ -448,11 +463,11 @@ def load_splits(
     # The same text on both sides of the split would inflate the eval score, so duplicates go first.
     train = _drop_duplicate_texts(train)
     if evaluation is None:
-        size = int(eval_size) if eval_size >= 1 else eval_size
+        size = held_out_size(eval_size, len(train), notes)
         try:
             parts = train.train_test_split(test_size=size, stratify_by_column="label", seed=seed)
         except ValueError as err:
-            raise DataError(f"cannot carve a stratified eval split of size {eval_size} from {len(train)} "
+            raise DataError(f"cannot carve a stratified eval split of size {size} from {len(train)} "
                             f"rows ({err}); lower --eval_size or give --eval_file") from None
         train, evaluation = parts["train"], parts["test"]
     else:

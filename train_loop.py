@@ -73,8 +73,9 @@ class TrainConfig:
     text_column: str = _opt("text", "column holding the text")
     label_column: str = _opt("label", "column holding the label (ints 0..K-1 or class-name strings)")
     num_labels: typing.Optional[int] = _opt(None, "number of classes (default: read from the data)")
-    eval_size: float = _opt(1000, "held-out rows carved from train when the source has no eval split "
-                            "(a count, or a fraction if < 1); stratified and seeded")
+    eval_size: typing.Optional[float] = _opt(None, "held-out rows carved from train when the source has no eval "
+                                             "split (a count, or a fraction if < 1; default: 1,000 rows or 20 %, "
+                                             "whichever is smaller); stratified and seeded")
     max_train_samples: typing.Optional[int] = _opt(None, "subsample the train split to this many rows")
     max_eval_samples: typing.Optional[int] = _opt(None, "subsample the eval split to this many rows")
     drop_empty_texts: bool = _opt(False, "drop rows whose text is empty instead of stopping with an error")
@@ -156,8 +157,8 @@ def validate_config(cfg: TrainConfig) -> None:
         (0 <= cfg.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1) (got {cfg.warmup_ratio})"),
         (0 <= cfg.lora_dropout < 1, f"--lora_dropout must be in [0, 1) (got {cfg.lora_dropout})"),
         (cfg.max_grad_norm >= 0, f"--max_grad_norm must be >= 0 (got {cfg.max_grad_norm})"),
-        (cfg.eval_size > 0, f"--eval_size must be > 0 (got {cfg.eval_size})"),
-        (cfg.eval_size < 1 or float(cfg.eval_size).is_integer(),
+        (cfg.eval_size is None or cfg.eval_size > 0, f"--eval_size must be > 0 (got {cfg.eval_size})"),
+        (cfg.eval_size is None or cfg.eval_size < 1 or float(cfg.eval_size).is_integer(),
          f"--eval_size must be a whole number of rows, or a fraction below 1 (got {cfg.eval_size})"),
         (cfg.eval_every >= 0 and cfg.checkpoint_every >= 0 and cfg.early_stopping_patience >= 0,
          "--eval_every, --checkpoint_every and --early_stopping_patience must be >= 0"),

@@ -219,3 +219,15 @@ def test_class_label_eval_split_without_labels_is_refused(monkeypatch):
     monkeypatch.setattr(data, "load_raw", lambda *args, **kwargs: (train, test))
     with pytest.raises(data.DataError, match=r"the eval split has 2 unlabelled row\(s\).*--eval_split validation"):
         data.load_splits("glue/sst2", eval_split="test")
+
+
+def test_a_small_dataset_with_default_settings_holds_out_a_fifth_with_every_class(tmp_path):
+    """A 450-row, 3-class CSV with every setting left at its default: 1,000 eval rows cannot be carved,
+    so the default becomes 20 % (90 rows), every class on both sides, and the log says so."""
+    path = write_csv(tmp_path / "three.csv", sentiment_rows(450, num_classes=3))
+    splits = data.load_splits(str(path))
+    assert (len(splits.train), len(splits.eval)) == (360, 90)
+    assert set(splits.train["label"]) == set(splits.eval["label"]) == {0, 1, 2}
+    assert any("held out 90 of 450 rows" in note for note in splits.notes)
+    big = write_csv(tmp_path / "big.csv", sentiment_rows(6000))
+    assert len(data.load_splits(str(big)).eval) == 1000  # larger data: the 1,000 rows of before, no note

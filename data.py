@@ -559,6 +559,18 @@ def truncate_ids(ids: list[int], max_length: int, side: str, front: int = 0, bac
     return ids[:front] + kept + ids[len(ids) - back:]
 
 
+def window_ids(ids: list[int], max_length: int, front: int = 0, back: int = 0) -> list[list[int]]:
+    """A too-long tokenization as overlapping windows of ``max_length`` ids, each with the ``front``/``back``
+    special tokens, consecutive windows sharing half their text (``predict(long_text="windows")``): every
+    part of a long review is read, and each token sits away from a window's edge in at least one window."""
+    if len(ids) <= max_length:
+        return [list(ids)]
+    budget = max_length - front - back
+    text, stride = ids[front:len(ids) - back], max(1, budget // 2)
+    starts = list(range(0, len(text) - budget, stride)) + [len(text) - budget]  # the last one ends the text
+    return [ids[:front] + text[start:start + budget] + ids[len(ids) - back:] for start in starts]
+
+
 def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
     """Pad a list of tokenized rows to the longest one (dynamic padding) and stack them into tensors.
 

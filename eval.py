@@ -107,24 +107,40 @@ SCORE_METRICS = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", "
 REPORT_METRICS = (*SCORE_METRICS, "loss")
 
 
-def predict(model, tokenizer, texts: list[str], *, max_length: int = 256, batch_size: int = 32) -> list[dict]:
-    """Labels and class probabilities for raw texts, with the model's own label names."""
+def predict(model, tokenizer, texts: list[str], *, max_length: int = 256, batch_size: int = 32,
+            truncation: str = "head", long_text: str = "truncate") -> list[dict]:
+    """Labels and class probabilities for raw texts, with the model's own label names.
+
+    A text longer than ``max_length`` tokens is cut as training cut it (``truncation``, data.truncate_ids),
+    or with ``long_text="windows"`` read whole: as overlapping windows (data.window_ids) whose logits
+    are averaged, so a verdict in the middle of a long review counts too.
+    """
+    import data
+
     device = next(model.parameters()).device
     id2label = model.config.id2label
+    front, back = data.special_token_counts(tokenizer)
+    pieces = []  # (index of the text, token ids of one window or of the truncated text)
+    for i, ids in enumerate(tokenizer(texts, truncation=False)["input_ids"]):
+        cut = (data.window_ids(ids, max_length, front, back) if long_text == "windows"
+               else [data.truncate_ids(ids, max_length, truncation, front, back)])
+        pieces += [(i, window) for window in cut]
+    logits = torch.zeros(len(texts), model.config.num_labels)
+    counts = torch.zeros(len(texts), 1)
     model.eval()
-    results = []
     with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            chunk = texts[start:start + batch_size]
-            encoded = tokenizer(chunk, truncation=True, max_length=max_length, padding=True,
-                                return_tensors="pt").to(device)
-            encoded.pop("token_type_ids", None)
-            probabilities = model(**encoded).logits.float().softmax(-1).cpu()
-            for text, probs in zip(chunk, probabilities):
-                label_id = int(probs.argmax())
-                results.append({"text": text, "label": id2label.get(label_id, str(label_id)),
-                                "label_id": label_id,
-                                **{f"p_{id2label.get(i, str(i))}": round(float(p), 6) for i, p in enumerate(probs)}})
+        for start in range(0, len(pieces), batch_size):
+            chunk = pieces[start:start + batch_size]
+            batch = data.collate([{"input_ids": ids, "labels": 0} for _, ids in chunk], tokenizer.pad_token_id)
+            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            owners = torch.tensor([i for i, _ in chunk])
+            logits.index_add_(0, owners, out.logits.float().cpu())
+            counts.index_add_(0, owners, torch.ones(len(chunk), 1))
+    results = []
+    for text, probs in zip(texts, (logits / counts).softmax(-1)):
+        label_id = int(probs.argmax())
+        results.append({"text": text, "label": id2label.get(label_id, str(label_id)), "label_id": label_id,
+                        **{f"p_{id2label.get(i, str(i))}": round(float(p), 6) for i, p in enumerate(probs)}})
     return results
 
 
@@ -241,6 +257,9 @@ def _parse_args(argv):
     parser.add_argument("--output", help="write predictions to this .csv or .jsonl file (default: print)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_length", type=int, default=None, help="default: the run's own")
+    parser.add_argument("--long_text", choices=("truncate", "windows"), default="truncate",
+                        help="--predict on texts longer than --max_length: cut them as training did, or read them "
+                             "whole as overlapping windows whose logits are averaged")
     parser.add_argument("--report", action="store_true",
                         help="write report.md and the PNG plots from the run's metrics.json, then stop")
     parser.add_argument("--export", nargs=2, metavar=("FORMAT", "PATH"),
@@ -290,7 +309,8 @@ def main(argv=None) -> int:
         label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
 
         if texts:
-            rows = predict(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size)
+            rows = predict(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size,
+                           truncation=run_config.get("truncation", "head"), long_text=args.long_text)
             if accelerator.is_main_process:  # every process predicted the same rows: one writes them
                 if args.output:
                     write_predictions(rows, args.output)

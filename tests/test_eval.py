@@ -173,3 +173,26 @@ def test_evaluation_under_fsdp_runs_without_inference_mode():
     for kind in ("FSDP", "NO"):
         evaluation.evaluate(Model(), [batch], Accelerator(kind), ["a", "b"])
     assert seen == [False, True]
+
+
+def test_predict_reads_a_long_text_as_averaged_windows(tiny_model_dir):
+    """--long_text windows: every window of a too-long text is scored and the logits averaged."""
+    import eval as evaluation
+    import lora_setup
+    import train_loop
+
+    model, _ = train_loop.build_model(train_loop.TrainConfig(model=tiny_model_dir("bert")), ["neg", "pos"], 0)
+    model.eval()
+    tokenizer = lora_setup.load_tokenizer(tiny_model_dir("bert"))
+    text = " ".join(["good film"] * 12 + ["bad plot"] * 12)  # 48 words: [CLS] + 48 + [SEP]
+    ids = tokenizer(text)["input_ids"]
+    windows = data.window_ids(ids, 16, 1, 1)
+    assert len(windows) > 2 and all(len(w) == 16 and w[0] == ids[0] and w[-1] == ids[-1] for w in windows)
+    assert windows[0][1:-1] == ids[1:15] and windows[-1][1:-1] == ids[-15:-1]  # from the start to the end
+    with torch.inference_mode():
+        expected = torch.stack([model(input_ids=torch.tensor([w])).logits[0] for w in windows]).mean(0).softmax(-1)
+        tail = model(input_ids=torch.tensor([data.truncate_ids(ids, 16, "tail", 1, 1)])).logits[0].softmax(-1)
+    whole = evaluation.predict(model, tokenizer, [text, "good"], max_length=16, long_text="windows", batch_size=2)[0]
+    assert [whole["p_neg"], whole["p_pos"]] == pytest.approx(expected.tolist(), abs=1e-5)
+    cut = evaluation.predict(model, tokenizer, [text], max_length=16, truncation="tail")[0]
+    assert [cut["p_neg"], cut["p_pos"]] == pytest.approx(tail.tolist(), abs=1e-5)  # cut as the run trained

@@ -266,9 +266,9 @@ def trained_run(tiny_model_dir, tmp_path_factory):
 
 
 def test_a_tiny_multi_label_run_learns(trained_run):
-    """Measured (seed 42, 4 epochs of 400 rows in batches of 16 = 100 steps): micro F1 0.40 -> 0.80, macro
-    F1 0.22 -> 0.83, Hamming loss 0.50 -> 0.22. The sentiment tags reach F1 0.93 / 0.89; ``film`` stays
-    near its always-yes F1 of 0.67 -- the tiny frozen random model (hidden size 16) does not pick up a
+    """Measured (seed 42, 4 epochs of 400 rows in batches of 16 = 100 steps, thresholds tuned): micro F1
+    0.38 -> 0.80, macro F1 0.22 -> 0.82, Hamming loss 0.51 -> 0.23. The sentiment tags reach F1 0.93 / 0.89;
+    ``film`` stays near its always-yes F1 of 0.67 (0.64) -- the tiny frozen random model (hidden size 16) does not pick up a
     second independent feature in 100 or 200 steps, with any word group, a higher learning rate or rank 8
     on every linear layer (tried); the two sentiment tags alone carry the check."""
     results = json.loads((trained_run / "metrics.json").read_text())

@@ -815,7 +815,7 @@ class GlobalBatchSampler:
 class TrainRows(torch.utils.data.Dataset):
     """Tokenized rows, plus ignored copies: index ``~i`` is row ``i`` with its label set to
     ``IGNORED_LABEL`` (only ``split_global_batch`` asks for one, when a global batch has fewer rows than
-    there are processes). Count samples as ``labels != IGNORED_LABEL``."""
+    there are processes). Count samples with ``real_rows(labels)``."""
 
     def __init__(self, tokenized):
         self.rows = tokenized
@@ -830,7 +830,13 @@ class TrainRows(torch.utils.data.Dataset):
         real = [i if i >= 0 else ~i for i in indices]
         getitems = getattr(self.rows, "__getitems__", None)
         fetched = getitems(real) if getitems else [self.rows[i] for i in real]
-        return [row if i >= 0 else {**row, "labels": IGNORED_LABEL} for i, row in zip(indices, fetched)]
+        return [row if i >= 0 else {**row, "labels": ignored_like(row["labels"])} for i, row in zip(indices, fetched)]
+
+
+def ignored_like(labels):
+    """The ignored label of a row: ``IGNORED_LABEL``, or a row of them for a multi-hot (multi-label) row, so
+    that a micro-batch made only of ignored rows still collates to the (batch x K) float labels of its kind."""
+    return [IGNORED_LABEL] * len(labels) if isinstance(labels, (list, tuple)) else IGNORED_LABEL
 
 
 def build_dataloader(tokenized, pad_token_id: int, batch_size: int, *, train: bool, group_by_length: bool = True,

@@ -335,3 +335,25 @@ def test_plain_peft_reload_gives_the_same_predictions(trained_run):
     thresholds = evaluation.load_thresholds(trained_run, TAGS)
     assert evaluation.predict(plain, tokenizer, texts, thresholds=thresholds) == \
         evaluation.predict(ours, tokenizer, texts, thresholds=thresholds)
+
+
+def test_padding_rows_of_a_short_global_batch_are_ignored_multi_hot_rows(tiny_model_dir):
+    """4 processes, 10 rows, batch 2: the last global batch holds 2 rows, so two processes get an ignored
+    copy, which collates to a row of IGNORED_LABEL and is not counted as a real row. Those two micro-batches
+    hold only the ignored row: they must still be (1 x K) float labels, not a 1-D class id."""
+    loader = tagged_loader(lora_setup.load_tokenizer(tiny_model_dir("bert")), 10, 2, num_processes=4)
+    batches = list(loader)
+    assert len(batches) == 8 and all(b["labels"].dtype == torch.float and b["labels"].shape[1] == 3 for b in batches)
+    assert sum(int(data.real_rows(b["labels"]).sum()) for b in batches) == 10
+    ignored = [b["labels"] for b in batches if not data.real_rows(b["labels"]).all()]
+    assert len(ignored) == 2 and all(torch.all(y == data.IGNORED_LABEL) for y in ignored)
+
+
+def test_eval_py_report_rebuilds_the_multi_label_report(trained_run, tmp_path):
+    import shutil
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    (run / "report.md").unlink()
+    assert evaluation.main(["--adapter_dir", str(run), "--report"]) == 0
+    report = (run / "report.md").read_text()
+    assert "## Per-label report" in report and "thresholds.json" in report and "subset accuracy" in report

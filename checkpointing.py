@@ -509,4 +509,5 @@ class BestAdapter:
         load_adapter_weights(run.accelerator, run.model, load_file(self.folder / ADAPTER_FILE))
         import eval as evaluation  # here, not at the top: eval.py imports nothing of ours, keep it that way
 
-        return evaluation.evaluate(run.model, run.eval_loader, run.accelerator, run.label_names)
+        return evaluation.evaluate(run.model, run.eval_loader, run.accelerator, run.label_names,
+                                   getattr(run, "multi_label", False))

@@ -21,6 +21,12 @@ Labels, one rule each:
     note), names that differ only in case are refused, and a string holding an integer ("1") is an id;
   * a column mixing ids and names, an eval label never seen in train, and -1 (GLUE's "no label") are
     refused.
+
+Several labels per text (multi-label): a label column holding lists (JSON/JSONL/Parquet lists), or strings
+joined by ``--label_separator`` (``"pos|funny"`` in a CSV). Every tag is a name (stripped; an integer is
+the name of that number), the tags of the train split are the label names in sorted order, and ``label``
+becomes a multi-hot list of K 0/1 ints. A row with no tag, an empty tag (``"pos||funny"``) and an eval
+tag never seen in train are refused; repeated tags in one row count once.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class LabelledSplits:
     eval: "datasets.Dataset"  # noqa: F821
     label_names: list[str]
     notes: list[str] = field(default_factory=list)  # what was silently fixed (shown to the user by the caller)
+    multi_label: bool = False  # several labels per text: ``label`` is a multi-hot list of num_labels 0/1 ints
 
     @property
     def num_labels(self) -> int:
@@ -398,6 +405,93 @@ def _labelled(train, evaluation, num_labels: int | None, notes: list[str]):
             label_names)
 
 
+def is_multi_label(train, label_separator: str | None) -> bool:
+    """Several labels per text: ``--label_separator`` was given, or the label column holds lists."""
+    import datasets
+
+    if label_separator is not None:
+        return True
+    feature = train.features["label"]
+    if isinstance(feature, (datasets.Sequence, getattr(datasets, "List", datasets.Sequence))):
+        return True
+    return any(isinstance(v, (list, tuple)) for v in train["label"])
+
+
+def _row_tags(value, row: int, split: str, separator: str | None) -> list[str]:
+    """One raw multi-label cell -> its tag names (deduplicated, in order); refuses missing and empty tags."""
+    if isinstance(value, str) and separator is not None:
+        parts = value.split(separator)
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    elif value is None or (isinstance(value, float) and math.isnan(value)):
+        parts = []
+    else:
+        parts = [value]  # a lone tag (a JSON string or number in a column of lists)
+    if not parts or (len(parts) == 1 and isinstance(parts[0], str) and not parts[0].strip()):
+        raise DataError(f"{split} row {row} has no label; every row needs at least one tag (give rows that have "
+                        "none of the tags an explicit one, such as 'none', or remove them)")
+    tags = []
+    for part in parts:
+        if isinstance(part, bool) or not isinstance(part, (str, int)):
+            raise DataError(f"{split} row {row}: tags must be names (strings) or integers, found {part!r}")
+        tag = str(part).strip()
+        if not tag:
+            raise DataError(f"{split} row {row} has an empty tag in {value!r}"
+                            + (f" (two separators '{separator}' in a row, or one at an end)" if separator else "")
+                            + "; write every tag as a non-empty name")
+        if tag not in tags:
+            tags.append(tag)
+    return tags
+
+
+def _multi_labelled(train, evaluation, label_separator: str | None, notes: list[str]):
+    """Both splits with ``label`` as multi-hot lists over the sorted tag names of the train split."""
+    import datasets
+
+    feature = train.features["label"]
+    inner = getattr(feature, "feature", None)
+    class_names = list(inner.names) if isinstance(inner, datasets.ClassLabel) else None  # Hub Sequence(ClassLabel)
+    tags = {}
+    for split, ds in (("train", train), ("eval", evaluation)):
+        if ds is None:
+            continue
+        values = list(ds["label"])
+        if class_names is not None:
+            values = [[class_names[i] for i in v] if isinstance(v, list) else v for v in values]
+        tags[split] = [_row_tags(v, i, split, label_separator) for i, v in enumerate(values)]
+    names = sorted({t for row in tags["train"] for t in row},
+                   key=lambda t: (0, int(t), "") if re.fullmatch(r"[+-]?\d+", t) else (1, 0, t))
+    unseen = {t for row in tags.get("eval", []) for t in row} - set(names)
+    if unseen:
+        raise DataError(f"eval tag(s) {_listing(unseen)} never occur in the train split, so the model cannot "
+                        "learn them; add training rows with those tags or remove them from the eval data")
+    by_fold = {}
+    for name in names:
+        by_fold.setdefault(name.casefold(), set()).add(name)
+    clash = next((sorted(group) for group in by_fold.values() if len(group) > 1), None)
+    if clash:
+        raise DataError(f"tags {clash} differ only in upper/lower case; spell each tag one way in the data")
+    if len(names) < 2:
+        raise DataError(f"the train split holds only one tag ({names[0]!r}); a multi-label classifier needs at "
+                        "least two (for one yes/no tag, train a two-class classifier)")
+    if label_separator is not None and all(len(row) == 1 for row in tags["train"]):
+        notes.append(f"no train label contains the separator {label_separator!r}: every row has one tag "
+                     "(check --label_separator)")
+    to_id = {name: i for i, name in enumerate(names)}
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.Sequence(datasets.Value("int8"), length=len(names))})
+
+    def encode(ds, rows):
+        hot = [[0] * len(names) for _ in rows]
+        for vector, row in zip(hot, rows):
+            for tag in row:
+                vector[to_id[tag]] = 1
+        return datasets.Dataset.from_dict({"text": list(ds["text"]), "label": hot}, features=features)
+
+    return (encode(train, tags["train"]), encode(evaluation, tags["eval"]) if evaluation is not None else None,
+            names)
+
+
 def _drop_duplicate_texts(ds, also_exclude: set[str] = frozenset()):
     seen = set(also_exclude)
     keep = []
@@ -443,6 +537,7 @@ def load_splits(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     drop_empty_texts: bool = False,
+    label_separator: str | None = None,
 ) -> LabelledSplits:
     """Load, clean and split a labelled text dataset (see the module docstring)."""
     check_source_settings(dataset, eval_file, dataset_config, eval_split, text_column, label_column)
@@ -459,13 +554,23 @@ def load_splits(
             raise DataError(f"the {split} split is empty{' after dropping empty texts' if drop_empty_texts else ''}; "
                             "give a dataset with labelled rows")
 
-    train, evaluation, label_names = _labelled(train, evaluation, num_labels, notes)
+    if label_separator is not None and not label_separator:
+        raise DataError("--label_separator must be a non-empty string, such as '|'")
+    multi_label = is_multi_label(train, label_separator)
+    if multi_label:
+        train, evaluation, label_names = _multi_labelled(train, evaluation, label_separator, notes)
+        if num_labels is not None and num_labels != len(label_names):
+            raise DataError(f"--num_labels is {num_labels} but the train split holds {len(label_names)} tags "
+                            f"{_listing(label_names)}; drop --num_labels (multi-label reads the tags from the data)")
+    else:
+        train, evaluation, label_names = _labelled(train, evaluation, num_labels, notes)
     # The same text on both sides of the split would inflate the eval score, so duplicates go first.
     train = _drop_duplicate_texts(train)
     if evaluation is None:
         size = held_out_size(eval_size, len(train), notes)
-        try:
-            parts = train.train_test_split(test_size=size, stratify_by_column="label", seed=seed)
+        try:  # lists of tags cannot be stratified: a seeded random split
+            parts = train.train_test_split(test_size=size, seed=seed,
+                                           **({} if multi_label else {"stratify_by_column": "label"}))
         except ValueError as err:
             raise DataError(f"cannot carve a stratified eval split of size {size} from {len(train)} "
                             f"rows ({err}); lower --eval_size or give --eval_file") from None
@@ -478,6 +583,8 @@ def load_splits(
     for split, ds in (("train", train), ("eval", evaluation)):
         if len(ds) == 0:
             raise DataError(f"the {split} split is empty after cleaning; give more labelled rows")
+    if multi_label:
+        return LabelledSplits(train=train, eval=evaluation, label_names=label_names, notes=notes, multi_label=True)
     present = sorted(set(train["label"]))
     if len(present) < 2:
         raise DataError(
@@ -489,7 +596,7 @@ def load_splits(
 
 # The settings (TrainConfig's field names) that decide which rows a run trains and evaluates on.
 SPLIT_SETTINGS = ("dataset", "dataset_config", "eval_file", "eval_split", "text_column", "label_column", "num_labels",
-                  "eval_size", "seed", "max_train_samples", "max_eval_samples", "drop_empty_texts")
+                  "eval_size", "seed", "max_train_samples", "max_eval_samples", "drop_empty_texts", "label_separator")
 
 
 def load_run_splits(settings: Mapping) -> LabelledSplits:
@@ -587,8 +694,22 @@ def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | N
     for row, (example, length) in enumerate(zip(examples, lengths)):
         input_ids[row, :length] = torch.as_tensor(example["input_ids"], dtype=torch.long)
         attention_mask[row, :length] = 1
-    labels = torch.as_tensor([e["labels"] for e in examples], dtype=torch.long)
+    labels = collate_labels([e["labels"] for e in examples])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_labels(labels: list) -> torch.Tensor:
+    """Class ids -> a long tensor (batch,); multi-hot lists (multi-label) -> a float tensor (batch x K), in
+    which an ignored row (``IGNORED_LABEL``, see ``TrainRows``) is a row of ``IGNORED_LABEL``."""
+    width = next((len(y) for y in labels if isinstance(y, (list, tuple))), None)
+    if width is None:
+        return torch.as_tensor(labels, dtype=torch.long)
+    return torch.as_tensor([y if isinstance(y, (list, tuple)) else [y] * width for y in labels], dtype=torch.float)
+
+
+def real_rows(labels: torch.Tensor) -> torch.Tensor:
+    """Which rows of a batch's labels are real (not ``IGNORED_LABEL`` padding), for 1-D ids and multi-hot alike."""
+    return (labels if labels.ndim == 1 else labels[:, 0]) != IGNORED_LABEL
 
 
 class Collator:
@@ -721,7 +842,7 @@ class GlobalBatchSampler:
 class TrainRows(torch.utils.data.Dataset):
     """Tokenized rows, plus ignored copies: index ``~i`` is row ``i`` with its label set to
     ``IGNORED_LABEL`` (only ``split_global_batch`` asks for one, when a global batch has fewer rows than
-    there are processes). Count samples as ``labels != IGNORED_LABEL``."""
+    there are processes). Count samples with ``real_rows(labels)``."""
 
     def __init__(self, tokenized):
         self.rows = tokenized
@@ -736,7 +857,13 @@ class TrainRows(torch.utils.data.Dataset):
         real = [i if i >= 0 else ~i for i in indices]
         getitems = getattr(self.rows, "__getitems__", None)
         fetched = getitems(real) if getitems else [self.rows[i] for i in real]
-        return [row if i >= 0 else {**row, "labels": IGNORED_LABEL} for i, row in zip(indices, fetched)]
+        return [row if i >= 0 else {**row, "labels": ignored_like(row["labels"])} for i, row in zip(indices, fetched)]
+
+
+def ignored_like(labels):
+    """The ignored label of a row: ``IGNORED_LABEL``, or a row of them for a multi-hot (multi-label) row, so
+    that a micro-batch made only of ignored rows still collates to the (batch x K) float labels of its kind."""
+    return [IGNORED_LABEL] * len(labels) if isinstance(labels, (list, tuple)) else IGNORED_LABEL
 
 
 def build_dataloader(tokenized, pad_token_id: int, batch_size: int, *, train: bool, group_by_length: bool = True,

@@ -75,8 +75,89 @@ def per_class_report(report: dict, label_names: list[str]) -> dict:
             for name in label_names}
 
 
-def evaluate(model, dataloader, accelerator, label_names: list[str]) -> dict:
+def multi_label_metrics(labels, scores, label_names: list[str], thresholds=None) -> dict:
+    """Multi-label scores (scikit-learn): ``labels`` is a multi-hot (n x K) array, ``scores`` the sigmoid
+    probabilities; label k is predicted where its score is >= ``thresholds[k]`` (0.5 each by default).
+
+    f1_micro pools every (text, label) decision, f1_macro averages the labels' F1 (each label counts the
+    same), f1_samples averages each text's F1; subset_accuracy counts texts whose whole label set is right,
+    hamming_loss the share of wrong (text, label) decisions (lower is better). ``per_class`` holds each
+    label's precision, recall, F1, support and threshold.
+    """
+    from sklearn.metrics import accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support
+
+    labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=float)
+    thresholds = np.full(len(label_names), 0.5) if thresholds is None else np.asarray(thresholds, dtype=float)
+    predictions = (scores >= thresholds).astype(int)
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predictions, average=None,
+                                                                     labels=range(len(label_names)), zero_division=0)
+    micro = precision_recall_fscore_support(labels, predictions, average="micro", zero_division=0)
+    return {
+        "f1_micro": float(micro[2]),
+        "f1_macro": float(f1_score(labels, predictions, average="macro", zero_division=0)),
+        "f1_samples": float(f1_score(labels, predictions, average="samples", zero_division=0)),
+        "precision_micro": float(micro[0]),
+        "recall_micro": float(micro[1]),
+        "subset_accuracy": float(accuracy_score(labels, predictions)),
+        "hamming_loss": float(hamming_loss(labels, predictions)),
+        "per_class": {name: {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
+                             "support": int(support[k]), "threshold": float(thresholds[k])}
+                      for k, name in enumerate(label_names)},
+        "thresholds": [float(t) for t in thresholds],
+        "num_samples": int(len(labels)),
+    }
+
+
+THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)  # candidate thresholds for --tune_thresholds
+
+
+def tune_thresholds(labels, scores) -> list[float]:
+    """Each label's F1-best threshold on (``labels``, ``scores``), from THRESHOLD_GRID; ties go to the
+    threshold closest to 0.5, and a label whose F1 is 0 everywhere keeps 0.5."""
+    from sklearn.metrics import f1_score
+
+    labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=float)
+    order = sorted(THRESHOLD_GRID, key=lambda t: (abs(t - 0.5), t))
+    best = []
+    for k in range(labels.shape[1]):
+        f1s = [f1_score(labels[:, k], (scores[:, k] >= t).astype(int), zero_division=0) for t in order]
+        top = int(np.argmax(f1s))  # the first maximum: the one closest to 0.5
+        best.append(float(order[top]) if f1s[top] > 0 else 0.5)
+    return best
+
+
+THRESHOLDS_FILE = "thresholds.json"
+
+
+def save_thresholds(output_dir: str | Path, label_names: list[str], thresholds, tuned: bool) -> Path:
+    """OUTPUT_DIR/thresholds.json: ``{"thresholds": {label: t}, "tuned": bool}`` beside the adapter."""
+    path = Path(output_dir) / THRESHOLDS_FILE
+    path.write_text(json.dumps({"thresholds": {n: float(t) for n, t in zip(label_names, thresholds)},
+                                "tuned": bool(tuned)}, indent=2))
+    return path
+
+
+def load_thresholds(adapter_dir: str | Path, label_names: list[str]) -> list[float]:
+    """The thresholds saved with a multi-label adapter, in label order; 0.5 each when there is no file."""
+    import data
+
+    path = Path(adapter_dir) / THRESHOLDS_FILE
+    if not path.is_file():
+        return [0.5] * len(label_names)
+    try:
+        saved = json.loads(path.read_text())["thresholds"]
+        return [float(saved[name]) for name in label_names]
+    except (ValueError, KeyError, TypeError) as err:
+        raise data.DataError(f"'{path}' is damaged or names other labels ({err}); delete it to use 0.5 for every "
+                             "label, or retrain with --tune_thresholds") from None
+
+
+def evaluate(model, dataloader, accelerator, label_names: list[str], multi_label: bool = False, *,
+             thresholds=None, tune: bool = False) -> dict:
     """Score ``model`` on every sample of ``dataloader`` (prepared by ``accelerator``).
+
+    Multi-label (``multi_label=True``): sigmoid scores against ``thresholds`` (0.5 each by default), or,
+    with ``tune=True``, against each label's F1-best threshold on these very rows (``tune_thresholds``).
 
     Every process must call this (a collective gather runs per batch; calling it on the main process
     only would hang the others). ``gather_for_metrics`` drops the samples Accelerate duplicated to
@@ -84,6 +165,9 @@ def evaluate(model, dataloader, accelerator, label_names: list[str]) -> dict:
     labels, losses) and reduce only afterwards: reducing first would count the duplicates.
     """
     model.eval()
+    if multi_label:
+        return _evaluate_multi_label(model, dataloader, accelerator, label_names, thresholds, tune, fsdp=getattr(
+            accelerator, "distributed_type", None) == "FSDP")
     predictions, labels, losses = [], [], []
     # inference_mode is the cheaper of the two, but FSDP2 gathers its weights into tensors that training
     # must reuse afterwards, and tensors made under inference_mode cannot be (seen on an H100).
@@ -102,18 +186,46 @@ def evaluate(model, dataloader, accelerator, label_names: list[str]) -> dict:
     return metrics
 
 
+def _evaluate_multi_label(model, dataloader, accelerator, label_names, thresholds, tune: bool, fsdp: bool) -> dict:
+    scores, labels, losses = [], [], []
+    with torch.no_grad() if fsdp else torch.inference_mode():
+        for batch in dataloader:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            # The training loss per text: binary cross-entropy averaged over the labels.
+            per_sample_loss = F.binary_cross_entropy_with_logits(logits, batch["labels"], reduction="none").mean(-1)
+            gathered = accelerator.gather_for_metrics((logits.sigmoid(), batch["labels"], per_sample_loss))
+            for store, values in zip((scores, labels, losses), gathered):
+                store.append(values.cpu())
+    model.train()
+    labels, scores = torch.cat(labels).numpy(), torch.cat(scores).numpy()
+    if tune:
+        thresholds = tune_thresholds(labels, scores)
+    metrics = multi_label_metrics(labels, scores, label_names, thresholds)
+    metrics["loss"] = float(torch.cat(losses).mean())
+    return metrics
+
+
 # Every score compute_metrics returns where higher is better; with the loss, what --metric_for_best may pick.
 SCORE_METRICS = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", "f1_macro", "f1_micro", "f1_weighted")
 REPORT_METRICS = (*SCORE_METRICS, "loss")
+# The same for multi_label_metrics (hamming_loss and loss: lower is better).
+MULTI_LABEL_METRICS = ("f1_micro", "f1_macro", "f1_samples", "precision_micro", "recall_micro", "subset_accuracy",
+                       "hamming_loss", "loss")
+
+
+def is_multi_label(model) -> bool:
+    return getattr(model.config, "problem_type", None) == "multi_label_classification"
 
 
 def predict(model, tokenizer, texts: list[str], *, max_length: int = 256, batch_size: int = 32,
-            truncation: str = "head", long_text: str = "truncate") -> list[dict]:
+            truncation: str = "head", long_text: str = "truncate", thresholds=None) -> list[dict]:
     """Labels and class probabilities for raw texts, with the model's own label names.
 
     A text longer than ``max_length`` tokens is cut as training cut it (``truncation``, data.truncate_ids),
     or with ``long_text="windows"`` read whole: as overlapping windows (data.window_ids) whose logits
-    are averaged, so a verdict in the middle of a long review counts too.
+    are averaged, so a verdict in the middle of a long review counts too. A multi-label model
+    (``problem_type="multi_label_classification"``) gives ``labels``: every label whose sigmoid score
+    reaches its threshold (``thresholds``, 0.5 each by default), and a ``p_<label>`` per label.
     """
     import data
 
@@ -136,11 +248,19 @@ def predict(model, tokenizer, texts: list[str], *, max_length: int = 256, batch_
             owners = torch.tensor([i for i, _ in chunk])
             logits.index_add_(0, owners, out.logits.float().cpu())
             counts.index_add_(0, owners, torch.ones(len(chunk), 1))
+    logits = logits / counts
+    names = [id2label.get(i, str(i)) for i in range(logits.shape[-1])]
     results = []
-    for text, probs in zip(texts, (logits / counts).softmax(-1)):
+    if is_multi_label(model):
+        cut = [0.5] * len(names) if thresholds is None else thresholds
+        for text, probs in zip(texts, logits.sigmoid()):
+            results.append({"text": text, "labels": [n for n, p, t in zip(names, probs, cut) if p >= t],
+                            **{f"p_{n}": round(float(p), 6) for n, p in zip(names, probs)}})
+        return results
+    for text, probs in zip(texts, logits.softmax(-1)):
         label_id = int(probs.argmax())
-        results.append({"text": text, "label": id2label.get(label_id, str(label_id)), "label_id": label_id,
-                        **{f"p_{id2label.get(i, str(i))}": round(float(p), 6) for i, p in enumerate(probs)}})
+        results.append({"text": text, "label": names[label_id], "label_id": label_id,
+                        **{f"p_{n}": round(float(p), 6) for n, p in zip(names, probs)}})
     return results
 
 
@@ -153,7 +273,8 @@ def write_predictions(rows: list[dict], path: str | Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        # A multi-label row's labels go in one cell, joined by '|' (read back with --label_separator '|').
+        writer.writerows({k: "|".join(v) if isinstance(v, list) else v for k, v in row.items()} for row in rows)
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -187,7 +308,8 @@ def check_args(args) -> None:
 
     predicting = bool(args.predict or args.predict_file)
     for flag, given in (("--dataset", args.dataset), ("--eval_file", args.eval_file),
-                        ("--text_column", args.text_column), ("--label_column", args.label_column)):
+                        ("--text_column", args.text_column), ("--label_column", args.label_column),
+                        ("--label_separator", args.label_separator)):
         if given is not None and (predicting or args.report):
             raise data.DataError(f"{flag} selects data to evaluate on; it does not go with "
                                  f"{'--predict/--predict_file' if predicting else '--report'}: drop one of them")
@@ -228,8 +350,9 @@ def eval_settings(args, run_config: dict, num_labels: int) -> dict:
     if args.dataset is None:
         settings = dict(run_config)
     else:
-        settings = {"dataset": args.dataset, **{k: run_config[k] for k in ("eval_size", "seed") if k in run_config}}
-    for key in ("eval_file", "text_column", "label_column"):
+        settings = {"dataset": args.dataset,
+                    **{k: run_config[k] for k in ("eval_size", "seed", "label_separator") if k in run_config}}
+    for key in ("eval_file", "text_column", "label_column", "label_separator"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     return {**settings, "num_labels": num_labels}
@@ -252,6 +375,8 @@ def _parse_args(argv):
     parser.add_argument("--eval_file", help="separate eval file for a local --dataset")
     parser.add_argument("--text_column", default=None)
     parser.add_argument("--label_column", default=None)
+    parser.add_argument("--label_separator", default=None, help="multi-label: the separator of a row's tags in a "
+                        "text label column (default: the run's own)")
     parser.add_argument("--predict", nargs="+", metavar="TEXT", help="texts to classify")
     parser.add_argument("--predict_file", help="UTF-8 text file with one text per line to classify")
     parser.add_argument("--output", help="write predictions to this .csv or .jsonl file (default: print)")
@@ -307,10 +432,13 @@ def main(argv=None) -> int:
         accelerator = Accelerator()
         model, tokenizer = lora_setup.load_adapter(args.adapter_dir, accelerator.device)
         label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        multi_label = is_multi_label(model)
+        thresholds = load_thresholds(args.adapter_dir, label_names) if multi_label else None
 
         if texts:
             rows = predict(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size,
-                           truncation=run_config.get("truncation", "head"), long_text=args.long_text)
+                           truncation=run_config.get("truncation", "head"), long_text=args.long_text,
+                           thresholds=thresholds)
             if accelerator.is_main_process:  # every process predicted the same rows: one writes them
                 if args.output:
                     write_predictions(rows, args.output)
@@ -326,7 +454,12 @@ def main(argv=None) -> int:
                                  "evaluate on data with the classes the model was trained on")
         tokens = data.tokenize(splits.eval, tokenizer, max_length, run_config.get("truncation", "head"))  # as trained
         loader = data.build_dataloader(tokens, tokenizer.pad_token_id, args.batch_size, train=False)
-        metrics = evaluate(model, accelerator.prepare(loader), accelerator, label_names)
+        if splits.multi_label != multi_label:
+            raise data.DataError(f"the data has {'several labels' if splits.multi_label else 'one label'} per text but "
+                                 f"the model is {'multi' if multi_label else 'single'}-label; evaluate on data of "
+                                 "the kind it was trained on")
+        metrics = evaluate(model, accelerator.prepare(loader), accelerator, label_names, multi_label,
+                           thresholds=thresholds)
         if accelerator.is_main_process:
             for note in splits.notes:
                 print(f"note: {note}")

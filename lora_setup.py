@@ -148,12 +148,14 @@ def quantization_options(dtype=None) -> dict:
     )
 
 
-def load_base_model(name: str, label_names: list[str], pad_token_id: int, dtype=None, load_in_4bit: bool = False):
+def load_base_model(name: str, label_names: list[str], pad_token_id: int, dtype=None, load_in_4bit: bool = False,
+                    multi_label: bool = False):
     """Load the pretrained model with a fresh classification head for ``label_names``.
 
     Returns ``(model, new_modules)``: the names of the modules whose weights the checkpoint lacked
     (the head), which must be trained and saved in full alongside the adapter. ``load_in_4bit=True``
-    loads the base for QLoRA (CUDA + bitsandbytes; see ``quantization_options``).
+    loads the base for QLoRA (CUDA + bitsandbytes; see ``quantization_options``). ``multi_label=True``
+    sets ``problem_type="multi_label_classification"`` (sigmoid per label), saved with the config.
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -166,6 +168,8 @@ def load_base_model(name: str, label_names: list[str], pad_token_id: int, dtype=
         label2id={label: i for i, label in enumerate(label_names)},
         output_loading_info=True,
     )
+    if multi_label:
+        kwargs["problem_type"] = "multi_label_classification"
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     if dtype is not None:
@@ -303,8 +307,8 @@ def _gguf_file_in(folder: str | Path) -> str | None:
 def load_adapter(adapter_dir: str | Path, device: str | torch.device = "cpu"):
     """Reload a saved adapter with plain PEFT; returns ``(model, tokenizer)`` in eval mode.
 
-    The base model is rebuilt with the saved config's head size, label names and pad id (a GPT-2
-    style decoder cannot pool its last token without the pad id), then PEFT loads the adapter and
+    The base model is rebuilt with the saved config's head size, label names, pad id (a GPT-2 style
+    decoder cannot pool its last token without it) and problem type (multi-label), then PEFT loads the adapter and
     the trained head over it.
     """
     import json
@@ -322,6 +326,7 @@ def load_adapter(adapter_dir: str | Path, device: str | torch.device = "cpu"):
         model = AutoPeftModelForSequenceClassification.from_pretrained(
             adapter_dir, num_labels=config.num_labels, id2label=config.id2label, label2id=config.label2id,
             pad_token_id=config.pad_token_id, **({"gguf_file": gguf_file} if gguf_file else {}),
+            **({"problem_type": config.problem_type} if config.problem_type else {}),
         )
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     return model.to(device).eval(), tokenizer

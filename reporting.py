@@ -7,16 +7,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval import REPORT_METRICS
+from eval import MULTI_LABEL_METRICS, REPORT_METRICS
 
 SUMMARY_METRICS = ("accuracy", "f1", "precision", "recall", "balanced_accuracy", "loss")
+MULTI_LABEL_SUMMARY = ("f1_micro", "f1_macro", "f1_samples", "subset_accuracy", "hamming_loss", "loss")
 
 
-def format_comparison(before: dict, after: dict, label_names: list[str]) -> str:
-    """A plain-text before/after table of the summary metrics and both confusion matrices."""
+def format_comparison(before: dict, after: dict, label_names: list[str], multi_label: bool = False) -> str:
+    """A plain-text before/after table of the summary metrics and both confusion matrices (multi-label:
+    the per-label F1 instead of confusion matrices)."""
     lines = [f"{'metric':<18} {'before':>9} {'after':>9} {'change':>9}"]
-    for name in SUMMARY_METRICS:
+    for name in MULTI_LABEL_SUMMARY if multi_label else SUMMARY_METRICS:
         lines.append(f"{name:<18} {before[name]:>9.4f} {after[name]:>9.4f} {after[name] - before[name]:>+9.4f}")
+    if multi_label:
+        lines.append(f"{'label':<18} {'f1 before':>9} {'f1 after':>9} {'threshold':>9}")
+        for name in label_names:
+            row = after["per_class"][name]
+            lines.append(f"{name:<18} {before['per_class'][name]['f1']:>9.4f} {row['f1']:>9.4f} {row['threshold']:>9.2f}")
+        return "\n".join(lines)
     for title, metrics in (("before", before), ("after", after)):
         lines.append(f"confusion matrix {title} (rows: true, columns: predicted)")
         width = max(len(n) for n in label_names) + 2
@@ -73,6 +81,8 @@ def _duration(seconds: float) -> str:
 
 def _summary_section(results: dict) -> list[str]:
     before, after, cfg = results["baseline"], results["final"], results["config"]
+    if results.get("multi_label"):
+        return _multi_label_summary(results)
     return [
         f"`{cfg['model']}` with a LoRA adapter (r={cfg['lora_r']}, alpha={cfg['lora_alpha']}) on "
         f"`{cfg['dataset']}`: accuracy {before['accuracy']:.4f} before training, {after['accuracy']:.4f} after, "
@@ -86,10 +96,38 @@ def _summary_section(results: dict) -> list[str]:
     ]
 
 
+def _multi_label_summary(results: dict) -> list[str]:
+    before, after, cfg = results["baseline"], results["final"], results["config"]
+    metric = results.get("metric_for_best", cfg["metric_for_best"])
+    tuned = cfg.get("tune_thresholds")
+    return [
+        f"`{cfg['model']}` with a LoRA adapter (r={cfg['lora_r']}, alpha={cfg['lora_alpha']}) on "
+        f"`{cfg['dataset']}`, several labels per text ({len(results['label_names'])} labels): micro F1 "
+        f"{before['f1_micro']:.4f} before training, {after['f1_micro']:.4f} after, on {after['num_samples']} "
+        f"held-out samples. \"After\" is the adapter kept as best by `{metric}`.",
+        "## Before and after training",
+        markdown_table(["metric", "before", "after", "change"],
+                       [[m, before[m], after[m], f"{after[m] - before[m]:+.4f}"] for m in MULTI_LABEL_METRICS]),
+        "A label is predicted when its sigmoid score reaches its threshold ("
+        + ("tuned per label for F1 on this same eval split, so the \"after\" scores are optimistic; "
+           if tuned else "0.5 for every label; ")
+        + "the thresholds are saved in thresholds.json). f1_micro pools every (text, label) decision, f1_macro "
+        "averages the labels (each counts the same), f1_samples averages each text's F1; subset accuracy counts "
+        "texts whose whole label set is right; Hamming loss is the share of wrong (text, label) decisions "
+        "(lower is better).",
+    ]
+
+
 def _per_class_section(results: dict) -> list[str]:
     after, before = results["final"].get("per_class"), results["baseline"].get("per_class", {})
     if after is None:  # a metrics.json written before per-class reports existed
         return []
+    if results.get("multi_label"):
+        rows = [[name, row["precision"], row["recall"], row["f1"], before.get(name, {}).get("f1", "-"),
+                 row["support"], f"{row['threshold']:.2f}"] for name, row in after.items()]
+        return ["## Per-label report (after training)",
+                markdown_table(["label", "precision", "recall", "f1", "f1 before", "support", "threshold"], rows),
+                *absent_classes_note(after)]
     rows = [[name, row["precision"], row["recall"], row["f1"], before.get(name, {}).get("f1", "-"), row["support"]]
             for name, row in after.items()]
     return ["## Per-class report (after training)",
@@ -111,6 +149,8 @@ def absent_classes_note(per_class: dict) -> list[str]:
 
 
 def _confusion_section(results: dict) -> list[str]:
+    if results.get("multi_label"):  # one yes/no decision per label: the per-label table says it
+        return []
     names = results["label_names"]
     return ["## Confusion matrices",
             "Before training:", confusion_table(results["baseline"]["confusion_matrix"], names),
@@ -119,8 +159,8 @@ def _confusion_section(results: dict) -> list[str]:
 
 def _training_section(results: dict) -> list[str]:
     cfg = results["config"]
-    evals = [[e["step"], e["epoch"], e["loss"], e["accuracy"], e["balanced_accuracy"], e["f1"]]
-             for e in eval_history(results)]
+    columns = CURVE_METRICS[bool(results.get("multi_label"))]
+    evals = [[e["step"], e["epoch"], e["loss"], *(e[c] for c in columns)] for e in eval_history(results)]
     facts = [
         f"- optimizer steps: {results['optimizer_steps']} (batch {cfg['batch_size']} x accumulation "
         f"{cfg['gradient_accumulation_steps']} x {results['num_processes']} process(es))",
@@ -132,7 +172,7 @@ def _training_section(results: dict) -> list[str]:
         f"- mixed precision: {results['mixed_precision']}",
     ]
     return ["## Evaluations during training",
-            markdown_table(["step", "epoch", "loss", "accuracy", "balanced_accuracy", "f1"], evals),
+            markdown_table(["step", "epoch", "loss", *columns], evals),
             "## Training", "\n".join(facts)]
 
 
@@ -163,6 +203,10 @@ def write_report(output_dir: str | Path, results: dict) -> Path:
     return path
 
 
+# The eval metrics drawn over training and listed in the report, single-label (False) and multi-label (True).
+CURVE_METRICS = {False: ("accuracy", "balanced_accuracy", "f1"), True: ("f1_micro", "f1_macro", "subset_accuracy")}
+
+
 def plot_curves(results: dict):
     """Three panels over optimizer steps: train and eval loss, eval metrics, learning rate."""
     from matplotlib.figure import Figure
@@ -176,15 +220,18 @@ def plot_curves(results: dict):
 
     loss_ax.plot(steps, [h["train/loss"] for h in train], marker=".", label="train (mean since last log)")
     loss_ax.plot(eval_steps, [e["loss"] for e in evals], marker="o", label="eval")
-    loss_ax.set(title="Cross-entropy loss", ylabel="loss")
+    loss_ax.set(title="Binary cross-entropy loss" if results.get("multi_label") else "Cross-entropy loss",
+                ylabel="loss")
     if len(train) < 3:  # a run shorter than --log_every logs once, at its end: no curve to draw
         loss_ax.text(0.5, 0.03, f"{len(train)} training log(s): lower --log_every for a curve",
                      transform=loss_ax.transAxes, ha="center", va="bottom", color="tab:gray")
 
     f1_label = "f1 (positive class)" if len(results["label_names"]) == 2 else "f1 (macro)"
+    lines = ((("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("f1", f1_label))
+             if not results.get("multi_label") else
+             (("f1_micro", "f1 micro"), ("f1_macro", "f1 macro"), ("subset_accuracy", "subset accuracy")))
     # Distinct markers and dashes: on balanced data accuracy and balanced accuracy coincide exactly.
-    for key, label, style in (("accuracy", "accuracy", "o-"), ("balanced_accuracy", "balanced accuracy", "s--"),
-                              ("f1", f1_label, "^:")):
+    for (key, label), style in zip(lines, ("o-", "s--", "^:")):
         metric_ax.plot(eval_steps, [e[key] for e in evals], style, label=label, markersize=5)
     metric_ax.set(title="Eval metrics (step 0 = before training)", ylabel="score")
 
@@ -239,7 +286,9 @@ def save_plots(output_dir: str | Path, results: dict) -> list[Path]:
         print("note: plots skipped, matplotlib is not installed: pip install -r requirements-extras.txt")
         return []
     paths = []
-    for name, draw in ((CURVES_FILE, plot_curves), (CONFUSION_FILE, plot_confusion_matrices)):
+    plots = ((CURVES_FILE, plot_curves),) if results.get("multi_label") else (
+        (CURVES_FILE, plot_curves), (CONFUSION_FILE, plot_confusion_matrices))
+    for name, draw in plots:
         path = Path(output_dir) / name
         draw(results).savefig(path, dpi=110)
         paths.append(path)

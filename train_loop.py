@@ -71,7 +71,10 @@ class TrainConfig:
     eval_file: typing.Optional[str] = _opt(None, "separate eval file for a local --dataset")
     eval_split: typing.Optional[str] = _opt(None, "Hub split to evaluate on (default: validation, else test)")
     text_column: str = _opt("text", "column holding the text")
-    label_column: str = _opt("label", "column holding the label (ints 0..K-1 or class-name strings)")
+    label_column: str = _opt("label", "column holding the label (ints 0..K-1 or class-name strings; lists of tags "
+                             "for several labels per text)")
+    label_separator: typing.Optional[str] = _opt(None, "several labels per text: the separator joining a row's tags "
+                                                 "in a text column, e.g. '|' for pos|funny (a column of lists needs none)")
     num_labels: typing.Optional[int] = _opt(None, "number of classes (default: read from the data)")
     eval_size: typing.Optional[float] = _opt(None, "held-out rows carved from train when the source has no eval "
                                              "split (a count, or a fraction if < 1; default: 1,000 rows or 20 %, "
@@ -122,12 +125,14 @@ class TrainConfig:
     checkpoint_every: int = _opt(0, "checkpoint every N optimizer steps, besides each epoch end (0 = epoch ends)")
     keep_checkpoints: int = _opt(2, "keep the newest K checkpoints")
     resume_from_checkpoint: typing.Optional[str] = _opt(None, "latest, or a checkpoint folder")
-    metric_for_best: str = _opt("accuracy", "eval metric that picks the best adapter (loss: lower is better, "
-                                "every other metric: higher)")
+    metric_for_best: str = _opt("accuracy", "eval metric that picks the best adapter (loss and hamming_loss: lower "
+                                "is better, every other metric: higher); multi-label runs read accuracy as f1_micro")
     greater_is_better: typing.Optional[bool] = _opt(None, "override the direction of --metric_for_best")
     early_stopping_patience: int = _opt(0, "stop after N evaluations without improvement (0 = off)")
     report_to: typing.Optional[str] = _opt(None, "experiment tracker: tensorboard, wandb, ... or all")
     merge: bool = _opt(False, "also export a merged model (plain transformers) to OUTPUT_DIR/merged")
+    tune_thresholds: bool = _opt(False, "multi-label: pick each label's F1-best threshold on the eval split after "
+                                 "training (default 0.5 each); saved to OUTPUT_DIR/thresholds.json")
 
 
 class ConfigError(ValueError):
@@ -167,8 +172,9 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.mixed_precision in ("auto", "no", "bf16", "fp16"),
          f"--mixed_precision must be auto, no, bf16 or fp16 (got {cfg.mixed_precision!r})"),
         (cfg.lora_bias in ("none", "all", "lora_only"), "--lora_bias must be none, all or lora_only"),
-        (cfg.metric_for_best in evaluation.REPORT_METRICS,  # checked now, not after a whole epoch
-         f"--metric_for_best must be one of {', '.join(evaluation.REPORT_METRICS)} (got {cfg.metric_for_best!r})"),
+        (cfg.metric_for_best in evaluation.REPORT_METRICS + evaluation.MULTI_LABEL_METRICS,  # checked now, not after
+         f"--metric_for_best must be one of {', '.join(evaluation.REPORT_METRICS)} (single-label) or "  # an epoch
+         f"{', '.join(evaluation.MULTI_LABEL_METRICS)} (multi-label) (got {cfg.metric_for_best!r})"),
         (cfg.truncation in data.TRUNCATION_SIDES,
          f"--truncation must be one of {', '.join(data.TRUNCATION_SIDES)} (got {cfg.truncation!r})"),
     ]
@@ -333,13 +339,25 @@ def describe_previous_run(cfg: TrainConfig, path: Path) -> str:
 
 
 # --metric_for_best picks the best adapter; for these metrics lower is better, for all others higher.
-LOWER_IS_BETTER = ("loss",)
+LOWER_IS_BETTER = ("loss", "hamming_loss")
 
 
-def greater_is_better(cfg: TrainConfig) -> bool:
+def greater_is_better(cfg: TrainConfig, metric: str | None = None) -> bool:
     if cfg.greater_is_better is not None:
         return cfg.greater_is_better
-    return cfg.metric_for_best not in LOWER_IS_BETTER
+    return (metric or cfg.metric_for_best) not in LOWER_IS_BETTER
+
+
+def metric_for_best(cfg: TrainConfig, multi_label: bool) -> str:
+    """The eval metric that picks the best adapter. Multi-label runs have no plain accuracy (subset accuracy
+    is all-or-nothing per text and moves little): the default ``accuracy`` means ``f1_micro`` there."""
+    names = evaluation.MULTI_LABEL_METRICS if multi_label else evaluation.REPORT_METRICS
+    metric = "f1_micro" if multi_label and cfg.metric_for_best == "accuracy" else cfg.metric_for_best
+    if metric not in names:
+        kind = "multi-label" if multi_label else "single-label"
+        raise ConfigError(f"--metric_for_best {cfg.metric_for_best} is not a {kind} metric; this data is {kind}, "
+                          f"choose one of {', '.join(names)}")
+    return metric
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,11 +431,11 @@ def loader_options(cfg: TrainConfig, on_gpu: bool) -> dict:
                 pin_memory=on_gpu)
 
 
-def build_model(cfg: TrainConfig, label_names: list[str], pad_token_id: int):
+def build_model(cfg: TrainConfig, label_names: list[str], pad_token_id: int, multi_label: bool = False):
     """Pretrained model + new classification head + LoRA adapter, as the run's settings ask;
     returns ``(model, head_modules)`` (the new modules, trained in full)."""
     model, head_modules = lora_setup.load_base_model(cfg.model, label_names, pad_token_id,
-                                                     load_in_4bit=cfg.load_in_4bit)
+                                                     load_in_4bit=cfg.load_in_4bit, multi_label=multi_label)
     lora_config = lora_setup.build_lora_config(
         model, head_modules, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save, bias=cfg.lora_bias,
@@ -448,6 +466,8 @@ class Run:
     total_parameters: int
     resume_from: Path | None = None  # the checkpoint to continue from, already checked
     class_weights: torch.Tensor | None = None  # per-class loss weights on the device (--class_weights)
+    multi_label: bool = False  # several labels per text (decided by the data): sigmoid + BCE, thresholds
+    metric_for_best: str = "accuracy"  # --metric_for_best as it applies to this data (see metric_for_best())
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -488,12 +508,22 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
     eval_loader = data.build_dataloader(
         data.tokenize(splits.eval, tokenizer, cfg.max_length, cfg.truncation), tokenizer.pad_token_id,
         cfg.eval_batch_size, train=False, **options)
+    if splits.multi_label and cfg.class_weights != "none":
+        raise ConfigError("--class_weights applies to single-label data; this data has several labels per text: "
+                          "drop --class_weights")
+    if cfg.tune_thresholds and not splits.multi_label:
+        raise ConfigError("--tune_thresholds applies to multi-label data (lists of tags, or --label_separator); "
+                          "drop it for single-label data")
+    best_metric = metric_for_best(cfg, splits.multi_label)
+    if splits.multi_label:
+        accelerator.print(f"multi-label: {splits.num_labels} tags, sigmoid + binary cross-entropy; best adapter "
+                          f"by {best_metric}")
     weights = data.class_weights(cfg.class_weights, splits.train["label"], splits.num_labels)
     if weights is not None:
         accelerator.print("class weights in the loss: " + ", ".join(
             f"{name} {w:.3f}" for name, w in zip(splits.label_names, weights)))
 
-    model, head_modules = build_model(cfg, splits.label_names, tokenizer.pad_token_id)
+    model, head_modules = build_model(cfg, splits.label_names, tokenizer.pad_token_id, splits.multi_label)
     trainable, total = lora_setup.count_parameters(model)
     accelerator.print(f"model: {cfg.model}; new modules trained in full: {head_modules}; trainable parameters "
                       f"{trainable:,} of {total:,} ({100 * trainable / total:.2f} %)")
@@ -519,7 +549,8 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
             k: v for k, v in dataclasses.asdict(cfg).items() if v is not None and not isinstance(v, list)})
     return Run(cfg, accelerator, output, tokenizer, splits.label_names, model, optimizer, scheduler, train_loader,
                eval_loader, steps_per_epoch, total_steps, trainable, total, resume_from,
-               None if weights is None else torch.tensor(weights, device=accelerator.device))
+               None if weights is None else torch.tensor(weights, device=accelerator.device), splits.multi_label,
+               best_metric)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,6 +626,11 @@ def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max
     window's total weight. (Dividing by the sample count instead would rescale the step by the window's
     mix of classes, which differs from window to window.) Without weights every w_i is 1: the plain mean.
 
+    Multi-label (float multi-hot labels, batch x K): the per-row loss is the binary cross-entropy with
+    logits *averaged over the K labels* (so the logged loss is the one transformers computes for
+    ``problem_type="multi_label_classification"``, and its scale does not grow with K), and rows are then
+    summed and divided by N exactly as above. Class weights do not apply (refused in ``setup``).
+
     The NaN guard runs before the last micro-batch's backward: under DeepSpeed that backward is where
     the engine clips and steps, so checking later would be too late for the weights.
 
@@ -604,7 +640,7 @@ def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max
     """
     # Rows labelled IGNORED_LABEL are padding that keeps a process busy when a global batch has fewer rows
     # than processes (data.GlobalBatchSampler): cross-entropy ignores them, and so must the counts.
-    real_rows = [b["labels"] != data.IGNORED_LABEL for b in window]
+    real_rows = [data.real_rows(b["labels"]) for b in window]
     row_weights = [r.float() if class_weights is None else class_weights[b["labels"].clamp(min=0)] * r
                    for b, r in zip(window, real_rows)]
     local = torch.stack([sum(w.sum() for w in row_weights), sum(r.sum() for r in real_rows).float(),
@@ -623,7 +659,8 @@ def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max
         with nullcontext() if is_last else accelerator.no_sync(model):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             # reduction="sum" with weight= gives sum(w_i * loss_i), NOT normalised: we divide by the window's weight.
-            loss = F.cross_entropy(logits.float(), batch["labels"], weight=class_weights, reduction="sum")
+            loss = (multi_label_loss(logits, batch["labels"], real_rows[i]) if batch["labels"].ndim == 2 else
+                    F.cross_entropy(logits.float(), batch["labels"], weight=class_weights, reduction="sum"))
             loss_sum += loss.detach()
             if is_last:
                 mean_loss = (accelerator.reduce(loss_sum, reduction="sum") / window_weight).item()  # the one sync
@@ -636,6 +673,12 @@ def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"loss": mean_loss, "samples": window_samples, "tokens": window_tokens}
+
+
+def multi_label_loss(logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Sum over the real rows of each row's binary cross-entropy with logits, averaged over its labels."""
+    per_row = F.binary_cross_entropy_with_logits(logits.float(), labels.clamp(min=0), reduction="none").mean(-1)
+    return torch.where(real, per_row, 0.0).sum()
 
 
 def engine_loss_divisor(accelerator) -> int:
@@ -653,7 +696,7 @@ def engine_loss_divisor(accelerator) -> int:
 
 def evaluate_and_keep(run: Run, state: TrainState, keeper: checkpointing.BestAdapter) -> dict:
     """Evaluate (every process), log, and keep the adapter if it is the best so far."""
-    metrics = evaluation.evaluate(run.model, run.eval_loader, run.accelerator, run.label_names)
+    metrics = evaluation.evaluate(run.model, run.eval_loader, run.accelerator, run.label_names, run.multi_label)
     scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}
     state.history.append({"step": state.global_step, "epoch": state.epoch, **scalars})
     run.accelerator.log(scalars, step=state.global_step)
@@ -762,11 +805,14 @@ def train(cfg: TrainConfig) -> dict:
     """Run the whole job; returns the metrics also written to OUTPUT_DIR/metrics.json."""
     run = setup(cfg)
     accelerator, log = run.accelerator, run.accelerator.print  # prints on the main process only
-    baseline = evaluation.evaluate(run.model, run.eval_loader, accelerator, run.label_names)
-    log(f"baseline (before training): accuracy {baseline['accuracy']:.4f}, f1 {baseline['f1']:.4f}")
+    baseline = evaluation.evaluate(run.model, run.eval_loader, accelerator, run.label_names, run.multi_label)
+    if run.multi_label:
+        log(f"baseline (before training): f1_micro {baseline['f1_micro']:.4f}, f1_macro {baseline['f1_macro']:.4f}")
+    else:
+        log(f"baseline (before training): accuracy {baseline['accuracy']:.4f}, f1 {baseline['f1']:.4f}")
     state = start_or_resume(run)
     state.adjustable = adjustable_settings(cfg)
-    keeper = checkpointing.BestAdapter(run.best_dir, cfg.metric_for_best, greater_is_better(cfg),
+    keeper = checkpointing.BestAdapter(run.best_dir, run.metric_for_best, greater_is_better(cfg, run.metric_for_best),
                                        cfg.early_stopping_patience, run.output, run.tokenizer)
     log(f"training: {run.total_steps} optimizer steps ({math.ceil(run.total_steps / run.steps_per_epoch)} epoch(s) of "
         f"{run.steps_per_epoch}), {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation x "
@@ -776,6 +822,10 @@ def train(cfg: TrainConfig) -> dict:
     if keeper.last_step != state.global_step and not keeper.should_stop:
         evaluate_and_keep(run, state, keeper)  # the last steps must compete for "best" too
     final = keeper.final_metrics(run, state)  # the best evaluation's weights, not merely the last ones
+    if cfg.tune_thresholds:  # on the kept weights, over the eval split (every process takes part)
+        final = evaluation.evaluate(run.model, run.eval_loader, accelerator, run.label_names, True, tune=True)
+        log("thresholds tuned on the eval split: " + ", ".join(
+            f"{name} {t:.2f}" for name, t in zip(run.label_names, final["thresholds"])))
     return finish(run, state, baseline, final)
 
 
@@ -784,6 +834,7 @@ def finish(run: Run, state: TrainState, baseline: dict, final: dict) -> dict:
     cfg, accelerator, output = run.cfg, run.accelerator, run.output
     results = {
         "baseline": baseline, "final": final, "label_names": run.label_names, "history": state.history,
+        "multi_label": run.multi_label, "metric_for_best": run.metric_for_best,
         "trainable_parameters": run.trainable_parameters, "total_parameters": run.total_parameters,
         "trainable_share": run.trainable_parameters / run.total_parameters,
         "optimizer_steps": state.global_step, "train_seconds": state.train_seconds,
@@ -795,6 +846,9 @@ def finish(run: Run, state: TrainState, baseline: dict, final: dict) -> dict:
     with output.recording(main=accelerator.is_main_process):
         checkpointing.save_adapter(accelerator, run.model, run.tokenizer, output.path)
         if accelerator.is_main_process:
+            if run.multi_label:  # what eval.py and predict apply to the sigmoid scores
+                evaluation.save_thresholds(output.path, run.label_names, final["thresholds"],
+                                           tuned=cfg.tune_thresholds)
             (output.path / "metrics.json").write_text(json.dumps(results, indent=2))
             reporting.save_plots(output.path, results)  # first: the report links the PNGs it finds
             reporting.write_report(output.path, results)
@@ -807,7 +861,7 @@ def finish(run: Run, state: TrainState, baseline: dict, final: dict) -> dict:
     accelerator.end_training()
     if accelerator.is_main_process and (output.path / "logs").is_dir():
         output.record(output.path / "logs")
-    accelerator.print("\n" + reporting.format_comparison(baseline, final, run.label_names))
+    accelerator.print("\n" + reporting.format_comparison(baseline, final, run.label_names, run.multi_label))
     accelerator.print(f"trainable parameters: {run.trainable_parameters:,} of {run.total_parameters:,} "
                       f"({100 * results['trainable_share']:.2f} %); training {state.train_seconds:.0f} s, "
                       f"{results['train_samples_per_s']:.1f} samples/s; adapter and report.md saved to {output.path}")

@@ -32,10 +32,10 @@ FLAGS = ["model", "dataset", "output_dir", "eval_size", "max_length", "seed", "l
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    types, fields = typing.get_type_hints(train_loop.TrainConfig), train_loop.TrainConfig.__dataclass_fields__
+    fields = train_loop.TrainConfig.__dataclass_fields__
     for name in FLAGS:  # train_loop.py's flags: the same names, types, defaults and help
-        field = fields[name]
-        parser.add_argument(f"--{name}", type=types[name], default=field.default, help=field.metadata["help"])
+        kind, _ = train_loop._field_type(name)  # Optional[float] -> float
+        parser.add_argument(f"--{name}", type=kind, default=fields[name].default, help=fields[name].metadata["help"])
     return parser.parse_args(argv)
 
 

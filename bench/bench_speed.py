@@ -9,10 +9,13 @@ Runs, one after the other in this one process, on identical data (one load, one 
 tokenization), the identical model + LoRA config, batch size, max_length, optimizer hyperparameters
 and number of optimizer steps:
 
-  (a) our loop, best settings (``train_loop``'s defaults): length-grouped batches
+  (a) our loop, best settings (``train_loop``'s defaults): length-grouped batches and, on CPU, dropout
+      masks drawn from 16 random bits (``performance.FastDropout``)
   (b) our loop, plain random batches (``--no-group_by_length``)
   (c) ``transformers.Trainer`` with its defaults (random batches, ``DataCollatorWithPadding``)
   (d) ``Trainer`` with ``train_sampling_strategy="group_by_length"`` (the old ``group_by_length=True``)
+  (e) our loop, length-grouped, with PyTorch's own dropout (``--no-fast_dropout``): against (a), what
+      the cheaper dropout masks buy; against (d), the loop alone on the same kind of batches
   plus TF-IDF (1-2 grams, sublinear tf) + logistic regression on the same split, for accuracy context.
 
 Every flag of ``train_loop.py`` is accepted and means the same (``--dataset``, ``--max_length``,
@@ -30,8 +33,8 @@ so no run pays for the process's first-call costs. All runs share ``torch.get_nu
 precision, the evaluation code (``eval.evaluate`` on the same length-sorted eval loader) and the seed
 of the model's new weights. Runs (b) and (c) even train on the very same batches: Accelerate seeds the
 Trainer's random sampler exactly as our sampler seeds its shuffle (``randperm`` from seed + epoch), so
-(b) against (c) compares the loops on identical batches, (a) against (b) shows what length grouping
-buys, and (a) against (d) the loops on the same kind of batches.
+(b) against (c) compares the loops (ours with ``FastDropout``) on identical batches, (a) against (b)
+shows what length grouping buys and (a) against (e) what ``FastDropout`` buys.
 Trainer is used only here, as the comparison.
 """
 
@@ -66,9 +69,10 @@ ARMS = {
     "b": "our loop, random batches",
     "c": "Trainer, defaults",
     "d": "Trainer, group_by_length",
+    "e": "our loop, length-grouped, PyTorch dropout",
     "tfidf": "TF-IDF + logistic regression",
 }
-TRAINED_ARMS = ("a", "b", "c", "d")
+TRAINED_ARMS = ("a", "b", "c", "d", "e")
 REFERENCE_ARMS = ("c", "d")  # the ratio columns divide by these runs' samples/s
 
 
@@ -279,15 +283,15 @@ def warmup_steps(cfg: train_loop.TrainConfig, max_steps: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def setup_our_loop(job: Job, group_by_length: bool, max_steps: int):
+def setup_our_loop(job: Job, group_by_length: bool, fast_dropout: bool, max_steps: int):
     """Runs (a)/(b)/(e) start exactly as ``train_loop.train()`` does: through ``train_loop.setup``, with
-    the arm's sampler, writing nothing. Returns ``(model, optimizer, scheduler, loader)``."""
-    cfg = dataclasses.replace(job.cfg, group_by_length=group_by_length, max_steps=max_steps)
+    the arm's sampler and dropout, writing nothing. Returns ``(model, optimizer, scheduler, loader)``."""
+    cfg = dataclasses.replace(job.cfg, group_by_length=group_by_length, fast_dropout=fast_dropout, max_steps=max_steps)
     run = train_loop.setup(cfg, claim_output_dir=False)
     return run.model, run.optimizer, run.scheduler, run.train_loader
 
 
-def run_our_loop(job: Job, group_by_length: bool, max_steps: int | None = None):
+def run_our_loop(job: Job, group_by_length: bool, fast_dropout: bool = True, max_steps: int | None = None):
     """Runs (a)/(b)/(e): train_loop's own data loader, model setup, optimizer, schedule and ``train_step``.
 
     This is train_loop.train()'s loop without what the Trainer runs here do not do either: no
@@ -295,7 +299,7 @@ def run_our_loop(job: Job, group_by_length: bool, max_steps: int | None = None):
     """
     cfg, accelerator = job.cfg, job.accelerator
     max_steps = max_steps or cfg.max_steps
-    model, optimizer, scheduler, loader = setup_our_loop(job, group_by_length, max_steps)
+    model, optimizer, scheduler, loader = setup_our_loop(job, group_by_length, fast_dropout, max_steps)
     model.train()
     meter = Meter(model, max_steps)
     meter.start()
@@ -408,8 +412,8 @@ def run_arm(job: Job, arm: str) -> dict:
         return run_tfidf(job)
     release_memory()
     started = time.perf_counter()
-    if arm in ("a", "b"):
-        model, meter = run_our_loop(job, group_by_length=arm != "b")
+    if arm in ("a", "b", "e"):
+        model, meter = run_our_loop(job, group_by_length=arm != "b", fast_dropout=arm != "e")
     else:
         model, meter = run_trainer(job, group_by_length=arm == "d")
     wall = time.perf_counter() - started

@@ -27,14 +27,14 @@ def tiny_benchmark(tiny_model_dir, tmp_path_factory):
         rows, meta = bench_speed.run_benchmark(cfg, warmup=1, on_progress=lambda rows, meta: progress.append(len(rows)))
     finally:
         torch.set_num_threads(threads)
-    assert progress == [1, 2, 3, 4, 5]
+    assert progress == [1, 2, 3, 4, 5, 6]
     return cfg, rows, meta
 
 
 def test_every_run_trains_the_same_steps_and_samples(tiny_benchmark):
     cfg, rows, meta = tiny_benchmark
-    assert [r["arm"] for r in rows] == ["a", "b", "c", "d", "tfidf"]
-    trained = rows[:4]
+    assert [r["arm"] for r in rows] == ["a", "b", "c", "d", "e", "tfidf"]
+    trained = rows[:5]
     for row in trained:
         assert row["optimizer_steps"] == 3 and row["samples"] == 3 * cfg.batch_size, row["arm"]
         assert row["samples_per_s"] > 0 and row["train_seconds"] <= row["wall_seconds"]
@@ -47,6 +47,8 @@ def test_every_run_trains_the_same_steps_and_samples(tiny_benchmark):
     # Accelerate seeds the Trainer's random sampler exactly as our sampler seeds its shuffle, so (b) and
     # (c) train on the very same batches: the only difference between them is the loop.
     assert by_arm["b"]["real_tokens_per_batch"] == by_arm["c"]["real_tokens_per_batch"]
+    # (e) is (a) with PyTorch's dropout: the same batches, a different dropout mask.
+    assert by_arm["e"]["real_tokens_per_batch"] == by_arm["a"]["real_tokens_per_batch"]
     assert by_arm["c"]["vs_c"] == pytest.approx(1.0) and by_arm["d"]["vs_d"] == pytest.approx(1.0)
     assert by_arm["a"]["vs_d"] == pytest.approx(by_arm["a"]["samples_per_s"] / by_arm["d"]["samples_per_s"])
     assert "samples_per_s" not in by_arm["tfidf"] and by_arm["tfidf"]["accuracy"] > 0.5
@@ -61,8 +63,8 @@ def test_table_and_files(tiny_benchmark, tmp_path):
                    "forward ms", "backward + clip ms", "data + other ms"):
         assert header in table
     body = [line for line in table.splitlines() if line.startswith("| (") or line.startswith("| TF-IDF")]
-    assert len(body) == 5 + 4  # the main table, then the time split of the four trained runs
-    assert body[4].startswith("| TF-IDF") and body[4].count(" - ") >= 5  # the baseline has no speed figures
+    assert len(body) == 6 + 5  # the main table, then the time split of the five trained runs
+    assert body[5].startswith("| TF-IDF") and body[5].count(" - ") >= 5  # the baseline has no speed figures
     output = tmp_path / "results" / "tiny.md"
     bench_speed.write_results(rows, meta, table, output)
     assert output.read_text().strip() == table
@@ -92,10 +94,17 @@ def test_without_max_steps_every_run_trains_one_epoch(tiny_benchmark):
     assert job.cfg.max_steps == 10  # 160 training rows / 16 per step
 
 
-def test_profile_lists_the_steps_operators(tiny_benchmark):
+def test_profile_shows_the_dropout_masks_that_fast_dropout_removes(tiny_benchmark):
     from bench import profile_step
 
     cfg, _, _ = tiny_benchmark
-    profiler, seconds = profile_step.profile_steps(cfg, 2, 1)
-    calls = {event.key: event.count for event in profiler.key_averages()}
-    assert seconds > 0 and calls.get("aten::mm", 0) + calls.get("aten::addmm", 0) > 0  # the model's matmuls
+
+    def bernoulli_calls(fast_dropout: bool) -> int:
+        profiler, seconds = profile_step.profile_steps(dataclasses.replace(cfg, fast_dropout=fast_dropout), 2, 1)
+        assert seconds > 0
+        calls = {event.key: event.count for event in profiler.key_averages()}
+        assert calls.get("aten::mm", 0) + calls.get("aten::addmm", 0) > 0  # the model's matmuls were profiled
+        return calls.get("aten::bernoulli_", 0)
+
+    # PyTorch's dropout draws every mask with bernoulli_; FastDropout leaves only the one inside attention.
+    assert bernoulli_calls(False) > bernoulli_calls(True)

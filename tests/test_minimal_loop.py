@@ -52,6 +52,8 @@ def runs(tiny_model_dir, tmp_path_factory):
     # Matching adapters therefore also show that evaluation (and train_loop's checkpoints) draw no random
     # numbers: data.build_dataloader gives each loader its own generator, so dropout masks stay in step.
     big = ["--eval_every", "1000000"]
+    if "fast_dropout" in train_loop.TrainConfig.__dataclass_fields__:
+        big.append("--no-fast_dropout")  # the minimal loop uses PyTorch's dropout; FastDropout draws differently
     assert train_loop.main(flags("big", *big)) == 0
     small = minimal_loop.main(minimal_flags(flags("small")))
     yield folder, json.loads((folder / "big" / "metrics.json").read_text()), small, flags

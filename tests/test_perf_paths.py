@@ -13,6 +13,7 @@ from torch.utils.data import BatchSampler
 import data
 import lora_setup
 import metering
+import performance
 import train_loop
 
 
@@ -227,3 +228,77 @@ def test_training_log_reports_throughput_and_no_gpu_figures_on_cpu(tiny_model_di
     assert metrics["train_samples_per_s"] > 0 and metrics["train_tokens_per_s"] > 0
 
 
+# ------------------------------------------------------------------------------------------------
+# FastDropout: the same dropout as nn.Dropout, with a cheaper mask on CPU
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_fast_dropout_drops_a_share_p_and_keeps_the_expected_value(p):
+    torch.manual_seed(0)
+    n = 2_000_000
+    out = performance.FastDropout(p)(torch.ones(n))
+    dropped = (out == 0).float().mean().item()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(dropped - p) < 5 * sigma
+    values = out.unique().tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / (1 - p), rel=1e-4)
+    assert abs(out.mean().item() - 1) < 5 * sigma / (1 - p)  # unbiased, like nn.Dropout
+    # Elements are independent: a mask drawn in 16-bit slices of 64-bit words shows no pattern by position.
+    by_slot = (out.view(-1, 4) == 0).float().mean(dim=0)
+    assert (by_slot - p).abs().max() < 5 * sigma * 2
+
+
+def test_fast_dropout_gradient_flows_through_the_kept_elements_only():
+    torch.manual_seed(1)
+    x = torch.randn(8, 5, 16, requires_grad=True)
+    out = performance.FastDropout(0.3)(x)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    kept = out != 0
+    scale = out.detach()[kept] / x.detach()[kept]
+    assert torch.allclose(scale, torch.full_like(scale, scale[0].item())) and scale[0] == pytest.approx(1 / 0.7, rel=1e-4)
+    assert torch.equal(x.grad, torch.where(kept, grad_out * scale[0], 0.0))
+
+
+def test_fast_dropout_is_reproducible_from_the_seed_and_fresh_on_each_call():
+    layer = performance.FastDropout(0.2)
+    x = torch.ones(3, 7, 11)  # a size that is not a multiple of 4: the last 64-bit word is only partly used
+    torch.manual_seed(5)
+    first, second = layer(x), layer(x)
+    torch.manual_seed(5)
+    assert torch.equal(layer(x), first) and not torch.equal(first, second)
+
+
+def test_fast_dropout_is_the_identity_in_eval_and_at_p_0_and_zeros_at_p_1():
+    x = torch.randn(4, 9, dtype=torch.bfloat16)
+    assert performance.FastDropout(0.5).eval()(x) is x and performance.FastDropout(0.0)(x) is x
+    assert torch.equal(performance.FastDropout(1.0)(x), torch.zeros_like(x))
+    assert performance.FastDropout(0.5)(x).dtype == torch.bfloat16
+
+
+def test_use_fast_dropout_swaps_every_dropout_on_cpu_only(tiny_model_dir):
+    model_dir = tiny_model_dir("bert")
+    tokenizer = lora_setup.load_tokenizer(model_dir)
+    model, heads = lora_setup.load_base_model(model_dir, ["0", "1"], tokenizer.pad_token_id)
+    model = lora_setup.apply_lora(model, lora_setup.build_lora_config(model, heads, r=4, alpha=8, dropout=0.2))
+    dropouts = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert any("lora_dropout" in name for name in dropouts)  # LoRA's own dropout is covered too
+    keys = set(model.state_dict())
+    batch = tokenizer(["a fine film", "dull"], padding=True, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch).logits
+    assert performance.use_fast_dropout(model, torch.device("cuda")) == 0  # a GPU keeps PyTorch's fused kernel
+    assert performance.use_fast_dropout(model, torch.device("cpu")) == len(dropouts)
+    swapped = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert all(type(m) is performance.FastDropout for m in swapped.values())
+    assert {name: m.p for name, m in swapped.items()} == dropouts
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)  # eval: no dropout either way
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.equal(model(**batch).logits, before)  # training: the masks are drawn
+    assert set(model.state_dict()) == keys  # no weights added: saved adapters are unchanged
+    assert train_loop.parse_config(["--no-fast_dropout"]).fast_dropout is False
+    assert train_loop.parse_config([]).fast_dropout is True

@@ -89,11 +89,15 @@ def _summary_section(results: dict) -> list[str]:
         f"on {after['num_samples']} held-out samples. \"After\" is the adapter kept as best by "
         f"`{cfg['metric_for_best']}`.",
         "## Before and after training",
-        markdown_table(["metric", "before", "after", "change"],
-                       [[m, before[m], after[m], f"{after[m] - before[m]:+.4f}"] for m in REPORT_METRICS]),
+        before_after_table(before, after, REPORT_METRICS),
         metrics_note(results["label_names"]) + " Balanced accuracy is the mean recall over classes: unlike "
         "accuracy, it drops when a rare class is ignored.",
     ]
+
+
+def before_after_table(before: dict, after: dict, metrics) -> str:
+    return markdown_table(["metric", "before", "after", "change"],
+                          [[m, before[m], after[m], f"{after[m] - before[m]:+.4f}"] for m in metrics])
 
 
 def _multi_label_summary(results: dict) -> list[str]:
@@ -106,8 +110,7 @@ def _multi_label_summary(results: dict) -> list[str]:
         f"{before['f1_micro']:.4f} before training, {after['f1_micro']:.4f} after, on {after['num_samples']} "
         f"held-out samples. \"After\" is the adapter kept as best by `{metric}`.",
         "## Before and after training",
-        markdown_table(["metric", "before", "after", "change"],
-                       [[m, before[m], after[m], f"{after[m] - before[m]:+.4f}"] for m in MULTI_LABEL_METRICS]),
+        before_after_table(before, after, MULTI_LABEL_METRICS),
         "A label is predicted when its sigmoid score reaches its threshold ("
         + ("tuned per label for F1 on this same eval split, so the \"after\" scores are optimistic; "
            if tuned else "0.5 for every label; ")

@@ -130,3 +130,20 @@ def tiny_args(model_dir: str, csv_path: str, output_dir, *extra: str) -> list[st
     return ["--model", model_dir, "--dataset", csv_path, "--output_dir", str(output_dir), "--eval_size", "40",
             "--batch_size", "8", "--max_length", "32", "--learning_rate", "1e-2", "--lora_r", "4",
             "--lora_alpha", "8", "--log_every", "5", *extra]
+
+
+def train_step_gradients(model, window, accelerator, *extra) -> tuple[dict, dict]:
+    """One ``train_loop.train_step`` (lr 1e-3, constant schedule, no clipping); returns its stats and the
+    gradients the optimizer stepped with."""
+    import train_loop
+
+    optimizer = train_loop.build_optimizer(model, 1e-3, 0.0)
+    scheduler = train_loop.build_scheduler(optimizer, "constant", 0, 10)
+    grads, real_step = {}, optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return real_step(*args, **kwargs)
+
+    optimizer.step = recording_step
+    return train_loop.train_step(model, optimizer, scheduler, window, accelerator, 0.0, *extra), grads

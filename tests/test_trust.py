@@ -316,3 +316,16 @@ def test_mfu_table_does_not_take_an_l40_for_an_l4():
     assert metering.peak_bf16_flops("NVIDIA L40") == 181e12
     assert metering.peak_bf16_flops("NVIDIA L40S") == 362e12
     assert metering.peak_bf16_flops("NVIDIA L4") == 121e12
+
+
+def test_a_half_written_checkpoint_left_by_a_crash_is_set_aside_not_deleted(tiny_model_dir, csv48, tmp_path):
+    """The next save of the same step finds '.incomplete_step_*' from a crash: it is moved to
+    checkpoints/abandoned/, with whatever it holds, never deleted."""
+    out, args = checkpointed_run(tiny_model_dir(), csv48, tmp_path / "run")
+    leftover = out / "checkpoints" / ".incomplete_step_00000002"
+    leftover.mkdir()
+    (leftover / "notes.txt").write_text("put here by hand")
+    assert train_loop.main(args + ["--overwrite"]) == 0
+    kept = list((out / "checkpoints" / "abandoned").glob("*/.incomplete_step_00000002/notes.txt"))
+    assert [p.read_text() for p in kept] == ["put here by hand"]
+    assert (out / "checkpoints" / "step_00000002" / "trainer_state.json").is_file()

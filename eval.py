@@ -166,29 +166,37 @@ def evaluate(model, dataloader, accelerator, label_names: list[str], multi_label
     """
     model.eval()
     if multi_label:
-        return _evaluate_multi_label(model, dataloader, accelerator, label_names, thresholds, tune, fsdp=getattr(
-            accelerator, "distributed_type", None) == "FSDP")
+        return _evaluate_multi_label(model, dataloader, accelerator, label_names, thresholds, tune)
     predictions, labels, losses = [], [], []
-    # inference_mode is the cheaper of the two, but FSDP2 gathers its weights into tensors that training
-    # must reuse afterwards, and tensors made under inference_mode cannot be (seen on an H100).
-    fsdp = getattr(accelerator, "distributed_type", None) == "FSDP"
-    with torch.no_grad() if fsdp else torch.inference_mode():
+    # no_grad, not the slightly cheaper inference_mode: FSDP2 gathers the weights into buffers it makes on
+    # the first forward and reuses in training, and a buffer made under inference_mode cannot be reused
+    # ("Inference tensors do not track version counter", seen on an H100 when the baseline ran first).
+    with torch.no_grad():
         for batch in dataloader:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             per_sample_loss = F.cross_entropy(logits, batch["labels"], reduction="none")
             gathered = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], per_sample_loss))
             for store, values in zip((predictions, labels, losses), gathered):
                 store.append(values.cpu())
-    model.train()
+    back_to_training(model)
     labels, predictions = torch.cat(labels).numpy(), torch.cat(predictions).numpy()
     metrics = compute_metrics(labels, predictions, label_names)
     metrics["loss"] = float(torch.cat(losses).mean())
     return metrics
 
 
-def _evaluate_multi_label(model, dataloader, accelerator, label_names, thresholds, tune: bool, fsdp: bool) -> dict:
+def back_to_training(model) -> None:
+    """Train mode again, and under FSDP2 the weights back in their shards: after a forward with no backward
+    FSDP2 keeps the top-level module's weights gathered (it expects a backward to need them next), and the
+    optimizer and the checkpoint code hold the sharded parameters, not those gathered copies."""
+    model.train()
+    if hasattr(torch.distributed, "fsdp") and isinstance(model, getattr(torch.distributed.fsdp, "FSDPModule", ())):
+        model.reshard()
+
+
+def _evaluate_multi_label(model, dataloader, accelerator, label_names, thresholds, tune: bool) -> dict:
     scores, labels, losses = [], [], []
-    with torch.no_grad() if fsdp else torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: see evaluate
         for batch in dataloader:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             # The training loss per text: binary cross-entropy averaged over the labels.
@@ -196,7 +204,7 @@ def _evaluate_multi_label(model, dataloader, accelerator, label_names, threshold
             gathered = accelerator.gather_for_metrics((logits.sigmoid(), batch["labels"], per_sample_loss))
             for store, values in zip((scores, labels, losses), gathered):
                 store.append(values.cpu())
-    model.train()
+    back_to_training(model)
     labels, scores = torch.cat(labels).numpy(), torch.cat(scores).numpy()
     if tune:
         thresholds = tune_thresholds(labels, scores)

@@ -47,7 +47,11 @@ def main(model_dir: str, out_file: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from peft import get_peft_model_state_dict
 
-    dist.init_process_group("gloo")
+    from accelerate import Accelerator
+
+    import eval as evaluation
+
+    accelerator = Accelerator(cpu=True)  # joins the torchrun group over gloo, as train_loop.py would
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
 
@@ -66,6 +70,13 @@ def main(model_dir: str, out_file: str) -> None:
              "attention_mask": torch.ones(8, 10, dtype=torch.long),
              "labels": torch.tensor([0, 1] * 4)}
     mine = {k: v.chunk(world)[rank] for k, v in batch.items()}
+    # The loop scores the untouched model first. This first forward of the sharded model makes FSDP2's
+    # gather buffers, which training then reuses: under inference_mode that reuse fails.
+    baseline = evaluation.evaluate(model, [mine], accelerator, ["0", "1"])  # leaves the model in train mode
+    reference.train()
+    # The optimizers are built after that forward on purpose: a parameter list taken while FSDP2 still held
+    # the gathered copies would train copies that the next gather overwrites (evaluate reshards).
+    types_after_baseline = {type(p).__name__ for p in model.parameters()}
     optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (model, reference)]
     for _ in range(2):
         # FSDP2 averages gradients over ranks (like DDP): sum / global count x world = the global mean.
@@ -77,6 +88,7 @@ def main(model_dir: str, out_file: str) -> None:
             optimizer.step()
             optimizer.zero_grad()
 
+    final = evaluation.evaluate(model, [mine], accelerator, ["0", "1"])
     lean = gather_adapter_state_dict(model, rank == 0)
     full = gather_adapter_state_dict(model, rank == 0, adapter_only=False)
     if rank == 0:
@@ -85,8 +97,10 @@ def main(model_dir: str, out_file: str) -> None:
             "sharded_parameter_types": sorted(sharded_types),
             "keys": sorted(lean), "expected_keys": sorted(expected), "full_keys": sorted(full),
             "shapes_match": all(tuple(lean[k].shape) == tuple(expected[k].shape) for k in expected if k in lean),
+            "types_after_baseline": sorted(types_after_baseline),
             "max_diff": max((lean[k] - expected[k]).abs().max().item() for k in expected if k in lean),
             "max_diff_full_gather": max((full[k] - expected[k]).abs().max().item() for k in expected if k in full),
+            "eval_counts": [sum(map(sum, m["confusion_matrix"])) for m in (baseline, final)],
             "lora_B_max_abs": max(v.abs().max().item() for k, v in lean.items() if "lora_B" in k),
         }
         Path(out_file).write_text(json.dumps(report))

@@ -149,32 +149,6 @@ def test_report_says_macro_f1_counts_classes_absent_from_the_eval_split():
     assert "holds no sample" not in reporting.format_report(fake_results())
 
 
-def test_evaluation_under_fsdp_runs_without_inference_mode():
-    """FSDP2's gathered weights, made under inference_mode, break the next training forward (seen on an
-    H100: 'Inference tensors do not track version counter'); so under FSDP evaluation uses no_grad."""
-    import eval as evaluation
-
-    seen = []
-
-    class Model(torch.nn.Module):
-        def forward(self, input_ids, attention_mask):
-            seen.append(torch.is_inference_mode_enabled())
-            return type("Out", (), {"logits": torch.zeros(len(input_ids), 2)})()
-
-    class Accelerator:
-        def __init__(self, kind):
-            self.distributed_type = kind
-
-        def gather_for_metrics(self, values):
-            return values
-
-    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
-             "labels": torch.tensor([0, 1])}
-    for kind in ("FSDP", "NO"):
-        evaluation.evaluate(Model(), [batch], Accelerator(kind), ["a", "b"])
-    assert seen == [False, True]
-
-
 def test_predict_reads_a_long_text_as_averaged_windows(tiny_model_dir):
     """--long_text windows: every window of a too-long text is scored and the logits averaged."""
     import eval as evaluation

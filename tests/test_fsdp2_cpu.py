@@ -3,7 +3,7 @@
 Accelerate turns FSDP on only with accelerators (on CPU its FSDP plugin is ignored and the run is plain
 DDP), so this test drives torch's FSDP2 (``fully_shard``) directly, under ``torchrun --nproc_per_node 2``,
 with the same PEFT-LoRA model our loop trains. What it proves: our tiny PEFT model can be sharded,
-trained, and its adapter gathered to full tensors on rank 0 with
+scored by our ``evaluate`` before training (as the loop scores the baseline) and still train, and its adapter gathered to full tensors on rank 0 with
 ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` (the function in tests/fsdp2_worker.py,
 ``gather_adapter_state_dict``), equal to an unsharded model trained on the same global batch. What it
 cannot prove: Accelerate's own FSDP wiring (its plugin, ``accelerator.get_state_dict``, mixed precision,
@@ -47,4 +47,6 @@ def test_fsdp2_sharded_lora_gathers_to_the_unsharded_adapter(tiny_model_dir, tmp
     assert any("lora_A" in k for k in report["keys"]) and any("classifier" in k for k in report["keys"])
     assert report["shapes_match"]
     assert report["lora_B_max_abs"] > 0  # trained: B started at zero
+    assert report["eval_counts"] == [8, 8]  # our evaluate, before and after training: both ranks' rows
+    assert report["types_after_baseline"] == ["DTensor"]  # evaluate put the gathered weights back in shards
     assert report["max_diff"] <= 1e-6 and report["max_diff_full_gather"] <= 1e-6

@@ -38,4 +38,4 @@ gpu-kit: setup
 	$(BIN)/python scripts/gpu_kit.py build --out gpu_kit
 
 gpu-check-dry-run: setup
-	PYTHON=$(BIN)/python bash scripts/gpu_check.sh --dry-run --out gpu_check_out
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh --dry-run

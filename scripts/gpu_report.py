@@ -26,13 +26,17 @@ def read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def test_counts(path: Path) -> dict | None:
-    """pytest's JUnit XML: how many GPU tests passed, failed, were skipped (and which failed)."""
-    if not path.is_file():
+def test_counts(out_dir: Path) -> dict | None:
+    """pytest's JUnit XML files (one per group, gpu_tests_<i>.xml): how many GPU tests passed, failed,
+    were skipped (and which failed)."""
+    paths = sorted(out_dir.glob("gpu_tests*.xml"))
+    if not paths:
         return None
-    suite = ET.parse(path).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    cases = suite.findall("testcase")
+    cases = []
+    for path in paths:
+        suite = ET.parse(path).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        cases += suite.findall("testcase")
     failed = [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None]
     skipped = [c.get("name") for c in cases if c.find("skipped") is not None]
     return {"total": len(cases), "passed": len(cases) - len(failed) - len(skipped), "failed": failed, "skipped": skipped}
@@ -122,7 +126,7 @@ def main(argv=None) -> int:
     on_gpu = torch.cuda.is_available()
     report = {
         "device": torch.cuda.get_device_name() if on_gpu else "no CUDA device", "torch": torch.__version__,
-        "cuda": torch.version.cuda, "steps": steps, "tests": test_counts(out_dir / "gpu_tests.xml"),
+        "cuda": torch.version.cuda, "steps": steps, "tests": test_counts(out_dir),
         "default": run_figures(read_json(out_dir / "default" / "metrics.json")),
         "qlora": run_figures(read_json(out_dir / "qlora" / "metrics.json")),
         "qlora_reload": reloaded(out_dir / "qlora_reload.json"),

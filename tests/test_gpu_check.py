@@ -51,6 +51,46 @@ def test_without_cuda_and_without_dry_run_the_check_refuses_at_once(tmp_path):
     assert result.returncode == 2 and "--dry-run" in result.stderr
 
 
+def test_an_out_dir_holding_anything_else_is_refused_and_left_as_it_was(tmp_path):
+    """--bundle empties the out dir of all but the two summaries, so a folder holding anything is refused
+    before a step runs (it used to delete the user's files there)."""
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("Once upon a time")
+    result = subprocess.run(["bash", str(CHECK), "--dry-run", "--bundle", "--out", str(mine)], capture_output=True,
+                            text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=60)
+    assert result.returncode == 2 and "not an empty folder" in result.stderr
+    assert snapshot(mine) == {"thesis.tex": b"Once upon a time"}
+
+
+def test_test_groups_run_side_by_side_and_the_report_counts_them_all(tmp_path):
+    """gpu-tests runs its pytest groups at once (scripts/pytest_groups.py): both run, each writes its own
+    JUnit file and log, one failure fails the step, and the report adds the groups up."""
+    import pytest_groups
+
+    for name, outcome in (("a", "pass"), ("b", "assert False")):
+        (tmp_path / f"test_{name}.py").write_text(
+            "import time\nfrom pathlib import Path\n"
+            f"def test_{name}():\n"
+            f"    Path('{name}.start').write_text(str(time.time()))\n"
+            "    time.sleep(3)\n"
+            f"    Path('{name}.end').write_text(str(time.time()))\n"
+            f"    {outcome}\n")
+    out = tmp_path / "out"
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        code = pytest_groups.run_groups(out, tmp_path / "scratch", ["test_a.py", "test_b.py -p no:cacheprovider"])
+    finally:
+        os.chdir(old)
+    assert code == 1
+    times = {n: [float((tmp_path / f"{n}.{e}").read_text()) for e in ("start", "end")] for n in "ab"}
+    assert times["a"][0] < times["b"][1] and times["b"][0] < times["a"][1]  # the two overlapped in time
+    assert sorted(p.name for p in out.glob("gpu_tests_*.xml")) == ["gpu_tests_0.xml", "gpu_tests_1.xml"]
+    assert "1 failed" in (out / "logs" / "gpu-tests-1.log").read_text()
+    assert gpu_report.test_counts(out) == {"total": 2, "passed": 1, "failed": ["test_b"], "skipped": []}
+
+
 def script_flags(program: str) -> set[str]:
     """The --flags that gpu_check.sh passes to ``program`` (continuation lines included)."""
     text = CHECK.read_text().replace("\\\n", " ")

@@ -17,8 +17,8 @@
 # Where the 8 minutes go on an H100 (seconds; measured there on 2026-11-26 where a figure is given,
 # else estimated): kit-unpack 8-11, kit-locate 14-24, gpu-tests about 90 (its slowest group, ZeRO-3,
 # took 72-82 alone; the three groups took 165-218 one after the other), default-job 58, bench-rt about
-# 70 (one process, three arms of 13-17 s each), bench-imdb about 60, qlora-job about 70, qlora-reload
-# about 20: about 400 in all. Each step's cap below is its own limit; the budget cuts the last ones short
+# 70 (one process, three arms of 13-17 s each), profile about 25, bench-imdb about 60, qlora-job about 70, qlora-reload
+# about 20: about 425 in all. Each step's cap below is its own limit; the budget cuts the last ones short
 # if earlier ones ran long, and what they measured still comes back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -111,6 +111,9 @@ step default-job 100 gpu $PY train_loop.py --output_dir "$RUNS/default"
 # 3. The bench side by side: our loop vs Trainer defaults vs Trainer + group_by_length, same job
 # (RT, MiniLM, one epoch, batch 32, max length 128); then IMDB at max length 512 with batch 64.
 step bench-rt 110 gpu $PY bench/bench_speed.py --arms a c d --output "$OUT_DIR/bench_rt.md"
+# Where a step of our loop spends its time, operator by operator (CPU and CUDA), after the bench:
+# whatever host work of ours is left shows up here.
+step profile 45 gpu $PY bench/profile_step.py --steps 20 --top 25
 step bench-imdb 90 gpu $PY bench/bench_speed.py --dataset embedded:imdb --max_length 512 --batch_size 64 \
   --max_train_samples 3200 --max_eval_samples 1000 --arms a c d --output "$OUT_DIR/bench_imdb.md"
 

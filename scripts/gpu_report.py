@@ -112,6 +112,9 @@ def markdown(report: dict, out_dir: Path) -> str:
         table = out_dir / f"{key}.md"
         if table.is_file():
             lines += ["", f"## {title}", "", table.read_text().strip()]
+    if report["profile"]:
+        lines += ["", "## Profile of our training step (bench/profile_step.py; the table: logs/profile.log)", "",
+                  report["profile"]]
     if report["goals"]:
         lines += ["", "## Goals (issue #11)", "", "| goal | measured | met |", "|---|---:|---|"]
         lines += [f"| {g['goal']} | {g['value']:.3g} | {'yes' if g['met'] else 'NO'} |" for g in report["goals"]]
@@ -131,6 +134,7 @@ def main(argv=None) -> int:
         "qlora": run_figures(read_json(out_dir / "qlora" / "metrics.json")),
         "qlora_reload": reloaded(out_dir / "qlora_reload.json"),
         "bench_rt": read_json(out_dir / "bench_rt.json"), "bench_imdb": read_json(out_dir / "bench_imdb.json"),
+        "profile": next((line for line in log_lines(out_dir / "logs" / "profile.log") if "under the profiler" in line), None),
         "cpu_reference": CPU_REFERENCE, "device_info": log_lines(out_dir / "logs" / "device-info.log"),
         # gpu_kit.py unpack: kit packages whose declared dependency versions this machine does not meet
         "dependency_notes": [line for line in log_lines(out_dir / "logs" / "kit-unpack.log") if line.startswith("dependency:")],

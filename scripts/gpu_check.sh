@@ -109,13 +109,14 @@ RUNS=$WORK/runs
 step default-job 100 gpu $PY train_loop.py --output_dir "$RUNS/default"
 
 # 3. The bench side by side: our loop vs Trainer defaults vs Trainer + group_by_length, same job
-# (RT, MiniLM, one epoch, batch 32, max length 128); then IMDB at max length 512 with batch 64.
+# (RT, MiniLM, one epoch, batch 32, max length 128); then IMDB at max length 512 with batch 128 (a card-sized batch;
+# 6,400 reviews keep it at 50 steps).
 step bench-rt 110 gpu $PY bench/bench_speed.py --arms a c d --output "$OUT_DIR/bench_rt.md"
 # Where a step of our loop spends its time, operator by operator (CPU and CUDA), after the bench:
 # whatever host work of ours is left shows up here.
 step profile 45 gpu $PY bench/profile_step.py --steps 20 --top 25
-step bench-imdb 90 gpu $PY bench/bench_speed.py --dataset embedded:imdb --max_length 512 --batch_size 64 \
-  --max_train_samples 3200 --max_eval_samples 1000 --arms a c d --output "$OUT_DIR/bench_imdb.md"
+step bench-imdb 90 gpu $PY bench/bench_speed.py --dataset embedded:imdb --max_length 512 --batch_size 128 \
+  --max_train_samples 6400 --max_eval_samples 1000 --arms a c d --output "$OUT_DIR/bench_imdb.md"
 
 # 4. QLoRA: the default job on a 4-bit base; then the adapter reloaded with plain PEFT (full-precision
 # base, as eval.py does) and evaluated.

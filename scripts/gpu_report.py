@@ -108,7 +108,7 @@ def markdown(report: dict, out_dir: Path) -> str:
         lines.append(f"| QLoRA adapter reloaded with plain PEFT (full-precision base) | "
                      f"{report['qlora_reload']['accuracy']:.1%} | - | - | - | - | - |")
     for key, title in (("bench_rt", "Bench: RT, MiniLM, one epoch, batch 32, max length 128"),
-                       ("bench_imdb", "Bench: IMDB subset, max length 512, batch 64, one epoch")):
+                       ("bench_imdb", "Bench: IMDB subset (6,400 reviews), max length 512, batch 128, one epoch")):
         table = out_dir / f"{key}.md"
         if table.is_file():
             lines += ["", f"## {title}", "", table.read_text().strip()]

@@ -106,6 +106,8 @@ def test_the_flags_the_check_passes_exist():
     bench_own = {"--arms", "--output", "--threads", "--repeats", "--untimed_warmup_steps"}  # bench_speed.parse_args
     assert script_flags("train_loop.py") and script_flags("train_loop.py") <= train_flags
     assert script_flags("bench_speed.py") and script_flags("bench_speed.py") <= train_flags | bench_own
+    profile_own = {"--steps", "--warmup", "--top"}  # profile_step.main's own parser
+    assert script_flags("profile_step.py") and script_flags("profile_step.py") <= train_flags | profile_own
 
 
 def test_size_check_fails_loudly_naming_the_biggest_files(tmp_path):

@@ -39,13 +39,17 @@ while (($#)); do
   esac
 done
 PY=${PYTHON:-python3}
-# The out dir is written into and, with --bundle, emptied of all but the summaries: so it must hold
-# nothing of anyone else's.
+# The out dir is written into and, with --bundle, tidied: so it must hold nothing of anyone else's.
+# An empty name (`--out "$UNSET"`) would be the current folder: refused too.
+if [[ -z $OUT_DIR ]]; then
+  echo "error: --out is empty; give the name of a new or empty folder" >&2
+  exit 2
+fi
 if [[ -e $OUT_DIR && ( ! -d $OUT_DIR || -n $(ls -A "$OUT_DIR") ) ]]; then
   echo "error: --out $OUT_DIR already exists and is not an empty folder; give a new or empty one" >&2
   exit 2
 fi
-mkdir -p "$OUT_DIR/logs" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
+mkdir -p "$OUT_DIR/logs" && OUT_DIR=$(cd "$OUT_DIR" && pwd) || { echo "error: cannot create --out $OUT_DIR" >&2; exit 2; }
 WORK=$(mktemp -d)  # unpacked kit and full training outputs (checkpoints stay here: only figures go to OUT)
 trap 'rm -rf "$WORK"' EXIT
 DEADLINE=$(( $(date +%s) + BUDGET ))
@@ -132,6 +136,8 @@ rc=$?
 # (logs, bench tables, the runs' metrics) goes into one archive.
 ((BUNDLE)) || exit $rc
 tar czf "$WORK/details.tar.gz" -C "$OUT_DIR" --exclude gpu_check.md --exclude gpu_check.json .
-find "$OUT_DIR" -mindepth 1 ! -name gpu_check.md ! -name gpu_check.json -delete
+# Removed by name: only what this script wrote there.
+(cd "$OUT_DIR" && rm -rf -- logs steps.jsonl gpu_tests_*.xml bench_rt.md bench_rt.json bench_imdb.md \
+  bench_imdb.json default qlora qlora_reload.json)
 mv "$WORK/details.tar.gz" "$OUT_DIR/gpu_check_details.tar.gz"
 exit $rc

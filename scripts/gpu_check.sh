@@ -106,7 +106,7 @@ step device-info 20 gpu nvidia-smi --query-gpu=name,memory.total,driver_version,
 
 # 1. The GPU-only tests: bf16, fused AdamW, pinned workers, compile, MFU/peak memory, QLoRA, backends.
 IFS=';' read -ra TEST_GROUPS <<< "$TESTS"
-step gpu-tests 130 gpu $PY scripts/pytest_groups.py "$OUT_DIR" "$WORK/pytest" "${TEST_GROUPS[@]}"
+step gpu-tests 130 gpu $PY scripts/pytest_groups.py "$OUT_DIR" "${TEST_GROUPS[@]}"
 
 # 2. The default job, unchanged (bf16 on this GPU), against the CPU run in the README.
 RUNS=$WORK/runs

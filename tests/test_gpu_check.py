@@ -108,7 +108,7 @@ def test_test_groups_run_side_by_side_and_the_report_counts_them_all(tmp_path):
     old = os.getcwd()
     os.chdir(tmp_path)
     try:
-        code = pytest_groups.run_groups(out, tmp_path / "scratch", ["test_a.py", "test_b.py -k 'test_b and not test_a'"])
+        code = pytest_groups.run_groups(out, ["test_a.py", "test_b.py -k 'test_b and not test_a'"])
     finally:
         os.chdir(old)
     assert code == 1

@@ -61,9 +61,10 @@ class ThroughputMeter:
 
     def record(self, learning_rate: float) -> tuple[dict, dict]:
         """The log record since the last one, and the interval's totals (seconds, samples, tokens); then
-        start over. Reading the summed loss and tokens is the interval's one host-device sync."""
+        start over. Reading the summed sample and token counts is the interval's one host-device sync."""
         seconds = max(time.perf_counter() - self.started - self.excluded, 1e-9)
-        samples, tokens = int(self.samples), int(self.tokens)
+        # The loss is already a Python float (train_step's one sync); both counts come over in one read.
+        samples, tokens = (int(n) for n in torch.stack([self.samples, self.tokens]).tolist()) if self.steps else (0, 0)
         record = {"train/loss": float(self.loss) / max(self.steps, 1), "train/lr": learning_rate,
                   "train/samples_per_s": samples / seconds, "train/tokens_per_s": tokens / seconds}
         if self.on_gpu:

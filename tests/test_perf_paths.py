@@ -302,3 +302,34 @@ def test_use_fast_dropout_swaps_every_dropout_on_cpu_only(tiny_model_dir):
     assert set(model.state_dict()) == keys  # no weights added: saved adapters are unchanged
     assert train_loop.parse_config(["--no-fast_dropout"]).fast_dropout is False
     assert train_loop.parse_config([]).fast_dropout is True
+
+
+# Every way Python reads a tensor's value: on a GPU each one makes the CPU wait until the GPU has caught up.
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
+LOOP_CODE = {"train_loop.py": {"fit", "train_step", "accumulation_windows", "log_progress", "multi_label_loss"},
+             "metering.py": {"add", "record", "paused"}}
+
+
+def test_the_loop_reads_the_device_once_per_step_and_once_per_log_line(tiny_model_dir, tiny_csv, tmp_path,
+                                                                       monkeypatch):
+    """The training loop's own code (not evaluation or checkpoints, which are not training time) reads a
+    device value once per optimizer step (the mean loss, for the NaN check) and once per log line (the
+    summed counts), whatever the accumulation. Counted on CPU by watching every tensor read it makes."""
+    import sys
+    from pathlib import Path
+
+    reads = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_name in LOOP_CODE.get(Path(caller.co_filename).name, ()):
+                reads.append((_name, caller.co_name))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    args = tiny_args(tiny_model_dir("bert"), tiny_csv, tmp_path / "out", "--max_steps", "6", "--log_every", "2",
+                     "--gradient_accumulation_steps", "3")
+    assert train_loop.main(args) == 0
+    assert sorted(reads) == sorted([("item", "train_step")] * 6 + [("tolist", "record")] * 3)

@@ -17,9 +17,9 @@
 # Where the 8 minutes go on an H100 (seconds; measured there on 2026-11-26 where a figure is given,
 # else estimated): kit-unpack 8-11, kit-locate 14-24, gpu-tests about 90 (its slowest group, ZeRO-3,
 # took 72-82 alone; the three groups took 165-218 one after the other), default-job 58, bench-rt about
-# 70 (one process, three arms of 13-17 s each), profile about 25, bench-imdb about 60, qlora-job about 70, qlora-reload
-# about 20: about 425 in all. Each step's cap below is its own limit; the budget cuts the last ones short
-# if earlier ones ran long, and what they measured still comes back.
+# 70 (one process, three arms of 13-17 s each), profile about 25, bench-imdb about 60, qlora-job about
+# 70, qlora-reload about 20: about 425 in all. Each step's cap below is its own limit; the budget cuts
+# the last ones short if earlier ones ran long, and what they measured still comes back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -113,8 +113,8 @@ RUNS=$WORK/runs
 step default-job 100 gpu $PY train_loop.py --output_dir "$RUNS/default"
 
 # 3. The bench side by side: our loop vs Trainer defaults vs Trainer + group_by_length, same job
-# (RT, MiniLM, one epoch, batch 32, max length 128); then IMDB at max length 512 with batch 128 (a card-sized batch;
-# 6,400 reviews keep it at 50 steps).
+# (RT, MiniLM, one epoch, batch 32, max length 128); then IMDB at max length 512 with batch 128 (a
+# card-sized batch; 6,400 reviews keep it at 50 steps).
 step bench-rt 110 gpu $PY bench/bench_speed.py --arms a c d --output "$OUT_DIR/bench_rt.md"
 # Where a step of our loop spends its time, operator by operator (CPU and CUDA), after the bench:
 # whatever host work of ours is left shows up here.

@@ -311,6 +311,16 @@ def clean_label(value):
     return value
 
 
+def _refuse_case_variants(names, plural: str, each: str) -> None:
+    """Names that differ only in upper/lower case ('Pos', 'pos') are almost surely one class spelled twice."""
+    by_fold = {}
+    for name in names:
+        by_fold.setdefault(name.casefold(), set()).add(name)
+    clash = next((sorted(group) for group in by_fold.values() if len(group) > 1), None)
+    if clash:
+        raise DataError(f"{plural} {clash} differ only in upper/lower case; spell each {each} one way in the data")
+
+
 def _listing(values) -> str:
     """Up to five distinct values, numbers in numeric order, for a message (works for unhashable values)."""
     distinct = {repr(v): v for v in values}
@@ -331,12 +341,7 @@ def label_names_for(train_labels: list, eval_labels: list, num_labels: int | Non
     if ids and names:
         raise DataError(f"the label column mixes class ids {_listing(ids)} with class names {_listing(names)}; "
                         "write every label one way: all integers 0..K-1 or all names")
-    by_fold = {}
-    for name in names:
-        by_fold.setdefault(name.casefold(), set()).add(name)
-    clash = next((sorted(group) for group in by_fold.values() if len(group) > 1), None)
-    if clash:
-        raise DataError(f"labels {clash} differ only in upper/lower case; spell each class one way in the data")
+    _refuse_case_variants(names, "labels", "class")
     unseen = set(eval_labels) - set(train_labels)
     if unseen:
         raise DataError(f"eval label(s) {_listing(unseen)} never occur in the train split, so the model cannot "
@@ -465,12 +470,7 @@ def _multi_labelled(train, evaluation, label_separator: str | None, notes: list[
     if unseen:
         raise DataError(f"eval tag(s) {_listing(unseen)} never occur in the train split, so the model cannot "
                         "learn them; add training rows with those tags or remove them from the eval data")
-    by_fold = {}
-    for name in names:
-        by_fold.setdefault(name.casefold(), set()).add(name)
-    clash = next((sorted(group) for group in by_fold.values() if len(group) > 1), None)
-    if clash:
-        raise DataError(f"tags {clash} differ only in upper/lower case; spell each tag one way in the data")
+    _refuse_case_variants(names, "tags", "tag")
     if len(names) < 2:
         raise DataError(f"the train split holds only one tag ({names[0]!r}); a multi-label classifier needs at "
                         "least two (for one yes/no tag, train a two-class classifier)")

@@ -91,10 +91,18 @@ def test_bundling_removes_only_what_the_check_wrote(tmp_path):
     assert "./steps.jsonl" in names and "./logs/kit-locate.log" in names
 
 
-def test_test_groups_run_side_by_side_and_the_report_counts_them_all(tmp_path):
+def test_test_groups_run_side_by_side_and_the_report_counts_them_all(tmp_path, monkeypatch):
     """gpu-tests runs its pytest groups at once (scripts/pytest_groups.py): both run, each writes its own
-    JUnit file and log, one failure fails the step, and the report adds the groups up."""
+    JUnit file and log, one failure fails the step, and the report adds the groups up. The scratch folder
+    it removes afterwards is the one it made: the rest of the temporary folder is left as it was."""
+    import tempfile
+
     import pytest_groups
+
+    system_tmp = tmp_path / "system_tmp"
+    (system_tmp / "someone_elses").mkdir(parents=True)
+    (system_tmp / "someone_elses" / "notes.txt").write_text("keep me")
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
 
     for name, outcome in (("a", "pass"), ("b", "assert False")):
         (tmp_path / f"test_{name}.py").write_text(
@@ -117,6 +125,8 @@ def test_test_groups_run_side_by_side_and_the_report_counts_them_all(tmp_path):
     assert sorted(p.name for p in out.glob("gpu_tests_*.xml")) == ["gpu_tests_0.xml", "gpu_tests_1.xml"]
     assert "1 failed" in (out / "logs" / "gpu-tests-1.log").read_text()
     assert gpu_report.test_counts(out) == {"total": 2, "passed": 1, "failed": ["test_b"], "skipped": []}
+    assert [p.name for p in system_tmp.iterdir()] == ["someone_elses"]  # its own scratch folder is gone
+    assert snapshot(system_tmp) == {"someone_elses/notes.txt": b"keep me"}  # and nothing else was touched
 
 
 def script_flags(program: str) -> set[str]:

@@ -501,14 +501,17 @@ class BestAdapter:
             run.accelerator.print(f"early stopping: no improvement in {self.patience} evaluation(s)")
             self.should_stop = True
 
-    def final_metrics(self, run, state: TrainState) -> dict:
+    def final_metrics(self, run, state: TrainState, tune: bool = False) -> dict:
         """The best evaluation's metrics, with its weights loaded back into the model if they are not the
-        current ones (every process calls this)."""
-        if self.last_step == state.global_step and state.best_step == state.global_step:
+        current ones (every process calls this). ``tune`` (multi-label ``--tune_thresholds``): evaluated
+        again on those weights with each label's threshold tuned on the eval split."""
+        best_is_current = self.last_step == state.global_step and state.best_step == state.global_step
+        if best_is_current and not tune:
             return self.last_metrics  # the last evaluation was the best: no need to run it again
-        run.accelerator.wait_for_everyone()
-        load_adapter_weights(run.accelerator, run.model, load_file(self.folder / ADAPTER_FILE))
+        if not best_is_current:
+            run.accelerator.wait_for_everyone()
+            load_adapter_weights(run.accelerator, run.model, load_file(self.folder / ADAPTER_FILE))
         import eval as evaluation  # here, not at the top: eval.py imports nothing of ours, keep it that way
 
         return evaluation.evaluate(run.model, run.eval_loader, run.accelerator, run.label_names,
-                                   getattr(run, "multi_label", False))
+                                   getattr(run, "multi_label", False), tune=tune)

@@ -303,11 +303,16 @@ RESUME_MAY_CHANGE = ("output_dir", "overwrite", "resume_from_checkpoint", "log_e
                      "max_grad_norm")
 
 
+def fixed_settings(cfg: TrainConfig) -> dict:
+    """Every setting but those a resumed run may change (RESUME_MAY_CHANGE)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
+
+
 def resume_identity(cfg: TrainConfig, num_processes: int = 1) -> dict:
     """The settings a checkpoint must share with the run resuming it. The per-process batch size is
     replaced by the global batch: the batches depend on it alone (data.LengthGroupedSampler), so a
     run may resume on another number of processes as long as the global batch stays the same."""
-    identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
+    identity = fixed_settings(cfg)
     identity["global_batch_size"] = identity.pop("batch_size") * num_processes
     return identity
 
@@ -337,7 +342,7 @@ def describe_previous_run(cfg: TrainConfig, path: Path) -> str:
         previous = json.loads((path / "run_config.json").read_text())
     except (OSError, ValueError):
         return ""
-    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
+    now = fixed_settings(cfg)
     changed = [f"{k}={previous.get(k)!r} there vs {v!r} now" for k, v in now.items() if previous.get(k) != v]
     return f" (with {', '.join(changed)})" if changed else " (with the same settings)"
 
@@ -346,10 +351,10 @@ def describe_previous_run(cfg: TrainConfig, path: Path) -> str:
 LOWER_IS_BETTER = ("loss", "hamming_loss")
 
 
-def greater_is_better(cfg: TrainConfig, metric: str | None = None) -> bool:
+def greater_is_better(cfg: TrainConfig, metric: str) -> bool:
     if cfg.greater_is_better is not None:
         return cfg.greater_is_better
-    return (metric or cfg.metric_for_best) not in LOWER_IS_BETTER
+    return metric not in LOWER_IS_BETTER
 
 
 def metric_for_best(cfg: TrainConfig, multi_label: bool) -> str:
@@ -450,6 +455,9 @@ def build_model(cfg: TrainConfig, label_names: list[str], pad_token_id: int, mul
 quiet_libraries = data.quiet_libraries  # shared with eval.py: no library noise on any entry point
 
 
+CHECKPOINTS = "checkpoints"  # the output dir's folder of checkpoints (setup looks there before Run exists)
+
+
 @dataclass
 class Run:
     """Everything the loop works with, built once by ``setup``."""
@@ -475,7 +483,7 @@ class Run:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.output.path / "checkpoints"
+        return self.output.path / CHECKPOINTS
 
     @property
     def best_dir(self) -> Path:
@@ -515,7 +523,7 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
                      describe_run=lambda path: describe_previous_run(cfg, path))
     resume_from = None
     if cfg.resume_from_checkpoint:  # read-only: a refused resume leaves the output dir as it was
-        resume_from = checkpointing.choose(cfg.resume_from_checkpoint, output.path / "checkpoints",
+        resume_from = checkpointing.choose(cfg.resume_from_checkpoint, output.path / CHECKPOINTS,
                                            lambda saved, path: check_resume_identity(cfg, saved, path,
                                                                                      accelerator.num_processes),
                                            accelerator.print)
@@ -834,9 +842,9 @@ def train(cfg: TrainConfig) -> dict:
     fit(run, state, keeper)
     if keeper.last_step != state.global_step and not keeper.should_stop:
         evaluate_and_keep(run, state, keeper)  # the last steps must compete for "best" too
-    final = keeper.final_metrics(run, state)  # the best evaluation's weights, not merely the last ones
-    if cfg.tune_thresholds:  # on the kept weights, over the eval split (every process takes part)
-        final = evaluation.evaluate(run.model, run.eval_loader, accelerator, run.label_names, True, tune=True)
+    # The best evaluation's weights, not merely the last ones (thresholds tuned on them if asked).
+    final = keeper.final_metrics(run, state, tune=cfg.tune_thresholds)
+    if cfg.tune_thresholds:
         log("thresholds tuned on the eval split: " + ", ".join(
             f"{name} {t:.2f}" for name, t in zip(run.label_names, final["thresholds"])))
     return finish(run, state, baseline, final)

@@ -10,7 +10,6 @@ features (checkpoints, resume, logging, reports): tests/test_minimal_loop.py che
 import argparse
 import math
 import sys
-import typing
 from contextlib import nullcontext
 from pathlib import Path
 

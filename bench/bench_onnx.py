@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import data  # noqa: E402
-import eval as evaluation  # noqa: E402
 import export_onnx  # noqa: E402
 import lora_setup  # noqa: E402
+import reporting  # noqa: E402
 
 
 def fresh_adapter(folder: Path, model: str = "embedded:minilm") -> Path:
@@ -88,7 +88,7 @@ def main() -> None:
         worst = max(worst, float((torch_logits[size] - torch.from_numpy(session.run(["logits"], feeds)[0])).abs().max()))
         rows.append([size, encoded["input_ids"].shape[1], f"{torch_ms[size]:.1f}", f"{onnx_ms:.1f}",
                      f"{torch_ms[size] / onnx_ms:.2f}x"])
-    print(evaluation.markdown_table(["batch", "tokens (padded)", "PyTorch ms", "ONNX Runtime ms", "speed-up"], rows))
+    print(reporting.markdown_table(["batch", "tokens (padded)", "PyTorch ms", "ONNX Runtime ms", "speed-up"], rows))
     print(f"\n{args.threads} thread(s), torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; "
           f"largest logit difference {worst:.2e}; adapter {adapter_dir}")
 

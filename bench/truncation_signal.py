@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
-import eval as evaluation  # noqa: E402
 import lora_setup  # noqa: E402
+import reporting  # noqa: E402
 
 
 def kept_tokens(rows: list[list[int]], max_length: int, side: str, front: int, back: int) -> list[str]:
@@ -60,7 +60,7 @@ def main() -> None:
                            kept_tokens(eval_ids, max_length, side, *specials), eval_labels)
                   for side in data.TRUNCATION_SIDES]
         rows.append([max_length, *scores])
-    print(evaluation.markdown_table(["max_length", *data.TRUNCATION_SIDES], rows))
+    print(reporting.markdown_table(["max_length", *data.TRUNCATION_SIDES], rows))
     print(f"\n{len(splits.train)} train / {len(splits.eval)} eval rows of {args.dataset}, seed {args.seed}; "
           "TF-IDF + logistic regression over the kept tokens")
 

@@ -108,3 +108,25 @@ def test_profile_shows_the_dropout_masks_that_fast_dropout_removes(tiny_benchmar
 
     # PyTorch's dropout draws every mask with bernoulli_; FastDropout leaves only the one inside attention.
     assert bernoulli_calls(False) > bernoulli_calls(True)
+
+
+def test_scripts_call_only_what_our_modules_define():
+    """bench/, scripts/ and examples/ run rarely (some only on a GPU): a function moved between our modules
+    must not first fail there, after minutes of work. Every `module.name` they use on one of our modules
+    (imported by its own name or an alias) must exist."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    root = Path(train_loop.__file__).resolve().parent
+    ours = {p.stem for p in root.glob("*.py")}
+    missing = []
+    for script in sorted([*root.glob("bench/*.py"), *root.glob("scripts/*.py"), *root.glob("examples/*.py")]):
+        tree = ast.parse(script.read_text())
+        aliases = {(alias.asname or alias.name): alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                   for alias in node.names if alias.name in ours}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                if not hasattr(importlib.import_module(aliases[node.value.id]), node.attr):
+                    missing.append(f"{script.relative_to(root)}:{node.lineno} {node.value.id}.{node.attr}")
+    assert not missing, missing

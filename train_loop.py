@@ -510,9 +510,10 @@ def label_settings(cfg: TrainConfig, splits: data.LabelledSplits, accelerator: A
     return best_metric, weights
 
 
-def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
+def setup(cfg: TrainConfig, claim_output_dir: bool = True, splits: data.LabelledSplits | None = None) -> Run:
     """Accelerator, data, model + LoRA, optimizer and schedule, in that order. Everything that can be
-    refused is checked before the output dir is touched; ``claim_output_dir=False`` (the bench) writes nothing."""
+    refused is checked before the output dir is touched. The bench passes ``claim_output_dir=False``
+    (write nothing) and the ``splits`` it loaded once for all its runs."""
     quiet_libraries()
     accelerator = build_accelerator(cfg)
     set_seed(cfg.seed)  # the head's initial weights, the dropout masks
@@ -530,7 +531,7 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True) -> Run:
     on_gpu = accelerator.device.type == "cuda"
 
     tokenizer = lora_setup.load_tokenizer(cfg.model)
-    splits = load_data(cfg)
+    splits = splits if splits is not None else load_data(cfg)
     accelerator.print(f"data: {len(splits.train)} train / {len(splits.eval)} eval rows, labels {splits.label_names}")
     options = loader_options(cfg, on_gpu)
     train_loader = data.build_dataloader(

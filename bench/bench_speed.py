@@ -256,9 +256,11 @@ def prepare_job(cfg: train_loop.TrainConfig) -> Job:
     if cfg.max_steps is None:  # one epoch (see the module docstring)
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps
         cfg = dataclasses.replace(cfg, max_steps=math.ceil(len(splits.train) / per_step))
-    job = Job(cfg, accelerator, tokenizer, splits, data.tokenize(splits.train, tokenizer, cfg.max_length), None)
-    eval_loader = data.build_dataloader(data.tokenize(splits.eval, tokenizer, cfg.max_length), tokenizer.pad_token_id,
-                                        cfg.eval_batch_size, train=False, **job.loader_options())
+    # Cut as train_loop.setup cuts them (--truncation), so that every arm trains on the same tokens.
+    job = Job(cfg, accelerator, tokenizer, splits, data.tokenize(splits.train, tokenizer, cfg.max_length, cfg.truncation),
+              None)
+    eval_loader = data.build_dataloader(data.tokenize(splits.eval, tokenizer, cfg.max_length, cfg.truncation),
+                                        tokenizer.pad_token_id, cfg.eval_batch_size, train=False, **job.loader_options())
     job.eval_loader = accelerator.prepare_data_loader(eval_loader)
     return job
 
@@ -283,12 +285,12 @@ def warmup_steps(cfg: train_loop.TrainConfig, max_steps: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def setup_our_loop(job: Job, group_by_length: bool, fast_dropout: bool, max_steps: int):
+def setup_our_loop(job: Job, group_by_length: bool, fast_dropout: bool, max_steps: int) -> train_loop.Run:
     """Runs (a)/(b)/(e) start exactly as ``train_loop.train()`` does: through ``train_loop.setup``, with
-    the arm's sampler and dropout, writing nothing. Returns ``(model, optimizer, scheduler, loader)``."""
+    the arm's sampler and dropout and the job's splits, writing nothing. Train with the returned run's
+    accelerator: it prepared the model and optimizer (under fp16, its gradient scaler is theirs)."""
     cfg = dataclasses.replace(job.cfg, group_by_length=group_by_length, fast_dropout=fast_dropout, max_steps=max_steps)
-    run = train_loop.setup(cfg, claim_output_dir=False)
-    return run.model, run.optimizer, run.scheduler, run.train_loader
+    return train_loop.setup(cfg, claim_output_dir=False, splits=job.splits)
 
 
 def run_our_loop(job: Job, group_by_length: bool, fast_dropout: bool = True, max_steps: int | None = None):
@@ -297,22 +299,22 @@ def run_our_loop(job: Job, group_by_length: bool, fast_dropout: bool = True, max
     This is train_loop.train()'s loop without what the Trainer runs here do not do either: no
     evaluation, checkpoints or progress bar inside the timed window. Returns ``(model, meter)``.
     """
-    cfg, accelerator = job.cfg, job.accelerator
+    cfg = job.cfg
     max_steps = max_steps or cfg.max_steps
-    model, optimizer, scheduler, loader = setup_our_loop(job, group_by_length, fast_dropout, max_steps)
-    model.train()
-    meter = Meter(model, max_steps)
+    run = setup_our_loop(job, group_by_length, fast_dropout, max_steps)
+    run.model.train()
+    meter = Meter(run.model, max_steps)
     meter.start()
     epoch = 0
     while meter.steps < max_steps:
-        loader.set_epoch(epoch)
-        for window in train_loop.accumulation_windows(loader, cfg.gradient_accumulation_steps):
-            train_loop.train_step(model, optimizer, scheduler, window, accelerator, cfg.max_grad_norm)
+        run.train_loader.set_epoch(epoch)
+        for window in train_loop.accumulation_windows(run.train_loader, cfg.gradient_accumulation_steps):
+            train_loop.train_step(run.model, run.optimizer, run.scheduler, window, run.accelerator, cfg.max_grad_norm)
             meter.step()
             if meter.steps == max_steps:
                 break
         epoch += 1
-    return model, meter
+    return run.model, meter
 
 
 def trainer_arguments(job: Job, group_by_length: bool, output_dir: str):

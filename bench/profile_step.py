@@ -34,20 +34,19 @@ def profile_steps(cfg: train_loop.TrainConfig, steps: int, warmup: int):
     """Profile ``steps`` optimizer steps of our loop after ``warmup`` unprofiled ones; returns
     ``(profiler, seconds)``. Uses the bench's job and model setup, so it is the loop the bench times."""
     job = bench_speed.prepare_job(dataclasses.replace(cfg, max_steps=steps + warmup))
-    model, optimizer, scheduler, loader = bench_speed.setup_our_loop(job, cfg.group_by_length, cfg.fast_dropout,
-                                                                     steps + warmup)
-    model.train()
-    loader.set_epoch(0)
+    run = bench_speed.setup_our_loop(job, cfg.group_by_length, cfg.fast_dropout, steps + warmup)
+    run.model.train()
+    run.train_loader.set_epoch(0)
     # Batches are fetched before profiling (at most one epoch's): the profile shows the step itself.
-    windows = list(itertools.islice(train_loop.accumulation_windows(loader, cfg.gradient_accumulation_steps),
+    windows = list(itertools.islice(train_loop.accumulation_windows(run.train_loader, cfg.gradient_accumulation_steps),
                                     steps + warmup))
     for window in windows[:warmup]:
-        train_loop.train_step(model, optimizer, scheduler, window, job.accelerator, cfg.max_grad_norm)
+        train_loop.train_step(run.model, run.optimizer, run.scheduler, window, run.accelerator, cfg.max_grad_norm)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if job.on_gpu else [])
     started = time.perf_counter()
     with profile(activities=activities) as profiler:
         for window in windows[warmup:]:
-            train_loop.train_step(model, optimizer, scheduler, window, job.accelerator, cfg.max_grad_norm)
+            train_loop.train_step(run.model, run.optimizer, run.scheduler, window, run.accelerator, cfg.max_grad_norm)
     return profiler, time.perf_counter() - started
 
 

@@ -130,3 +130,21 @@ def test_scripts_call_only_what_our_modules_define():
                 if not hasattr(importlib.import_module(aliases[node.value.id]), node.attr):
                     missing.append(f"{script.relative_to(root)}:{node.lineno} {node.value.id}.{node.attr}")
     assert not missing, missing
+
+
+def test_every_arm_trains_on_the_tokens_the_run_settings_cut(tiny_model_dir, tmp_path):
+    """The Trainer arms read the job's tokens, ours get theirs from train_loop.setup: both cut by --truncation
+    (the job's were always cut at the head, so with --truncation tail the arms trained on other tokens)."""
+    from conftest import sentiment_rows, write_csv
+
+    import data
+
+    csv_path = write_csv(tmp_path / "reviews.csv", sentiment_rows(60))
+    cfg = train_loop.TrainConfig(model=tiny_model_dir("bert"), dataset=str(csv_path), eval_size=20, batch_size=8,
+                                 max_length=6, truncation="tail", max_steps=1, lora_r=4, lora_alpha=8)
+    job = bench_speed.prepare_job(cfg)
+    tail = data.tokenize(job.splits.train, job.tokenizer, 6, "tail")["input_ids"]
+    assert tail != data.tokenize(job.splits.train, job.tokenizer, 6, "head")["input_ids"]  # the cut matters here
+    assert job.train_tokens["input_ids"] == tail
+    run = bench_speed.setup_our_loop(job, group_by_length=True, fast_dropout=True, max_steps=1)
+    assert run.label_names == job.splits.label_names and run.accelerator.device == job.accelerator.device

@@ -165,22 +165,29 @@ def evaluate(model, dataloader, accelerator, label_names: list[str], multi_label
     labels, losses) and reduce only afterwards: reducing first would count the duplicates.
     """
     model.eval()
-    if multi_label:
-        return _evaluate_multi_label(model, dataloader, accelerator, label_names, thresholds, tune)
-    predictions, labels, losses = [], [], []
+    outputs, labels, losses = [], [], []  # per sample: the prediction (multi-label: the scores), label, loss
     # no_grad, not the slightly cheaper inference_mode: FSDP2 gathers the weights into buffers it makes on
     # the first forward and reuses in training, and a buffer made under inference_mode cannot be reused
     # ("Inference tensors do not track version counter", seen on an H100 when the baseline ran first).
     with torch.no_grad():
         for batch in dataloader:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            per_sample_loss = F.cross_entropy(logits, batch["labels"], reduction="none")
-            gathered = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], per_sample_loss))
-            for store, values in zip((predictions, labels, losses), gathered):
+            if multi_label:  # the training loss per text: binary cross-entropy averaged over the labels
+                output = logits.sigmoid()
+                per_sample_loss = F.binary_cross_entropy_with_logits(logits, batch["labels"], reduction="none").mean(-1)
+            else:
+                output = logits.argmax(-1)
+                per_sample_loss = F.cross_entropy(logits, batch["labels"], reduction="none")
+            gathered = accelerator.gather_for_metrics((output, batch["labels"], per_sample_loss))
+            for store, values in zip((outputs, labels, losses), gathered):
                 store.append(values.cpu())
     back_to_training(model)
-    labels, predictions = torch.cat(labels).numpy(), torch.cat(predictions).numpy()
-    metrics = compute_metrics(labels, predictions, label_names)
+    labels, outputs = torch.cat(labels).numpy(), torch.cat(outputs).numpy()
+    if multi_label:
+        metrics = multi_label_metrics(labels, outputs, label_names,
+                                      tune_thresholds(labels, outputs) if tune else thresholds)
+    else:
+        metrics = compute_metrics(labels, outputs, label_names)
     metrics["loss"] = float(torch.cat(losses).mean())
     return metrics
 
@@ -192,25 +199,6 @@ def back_to_training(model) -> None:
     model.train()
     if hasattr(torch.distributed, "fsdp") and isinstance(model, getattr(torch.distributed.fsdp, "FSDPModule", ())):
         model.reshard()
-
-
-def _evaluate_multi_label(model, dataloader, accelerator, label_names, thresholds, tune: bool) -> dict:
-    scores, labels, losses = [], [], []
-    with torch.no_grad():  # not inference_mode: see evaluate
-        for batch in dataloader:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            # The training loss per text: binary cross-entropy averaged over the labels.
-            per_sample_loss = F.binary_cross_entropy_with_logits(logits, batch["labels"], reduction="none").mean(-1)
-            gathered = accelerator.gather_for_metrics((logits.sigmoid(), batch["labels"], per_sample_loss))
-            for store, values in zip((scores, labels, losses), gathered):
-                store.append(values.cpu())
-    back_to_training(model)
-    labels, scores = torch.cat(labels).numpy(), torch.cat(scores).numpy()
-    if tune:
-        thresholds = tune_thresholds(labels, scores)
-    metrics = multi_label_metrics(labels, scores, label_names, thresholds)
-    metrics["loss"] = float(torch.cat(losses).mean())
-    return metrics
 
 
 # Every score compute_metrics returns where higher is better; with the loss, what --metric_for_best may pick.

@@ -344,11 +344,12 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
     return final
 
 
-def read_state(path: Path) -> TrainState:
+def read_state(path: Path) -> tuple[TrainState, int]:
+    """The loop position, and how many processes wrote the checkpoint."""
     try:
         record = json.loads((path / STATE_FILE).read_text())
-        record.pop("num_processes", None)
-        return TrainState(**record)
+        saved_processes = record.pop("num_processes", 1)
+        return TrainState(**record), saved_processes
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(f"checkpoint '{path}' is damaged ({type(err).__name__}: {err})") from None
 
@@ -356,7 +357,7 @@ def read_state(path: Path) -> TrainState:
 def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path) -> TrainState:
     """Restore adapter, optimizer, scheduler and this process's RNG states; return the loop position.
     Call ``verify`` first: it reads every file, so a damaged checkpoint is refused before anything changes."""
-    state = read_state(path)
+    state, saved_processes = read_state(path)
     try:
         load_adapter_weights(accelerator, model, load_file(path / ADAPTER_FILE))
         _restore_optimizer(accelerator, model, optimizer, load_optimizer(path))
@@ -369,7 +370,6 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path) -> Tra
     rng_file = path / f"rng_state_{accelerator.process_index}.safetensors"
     if rng_file.is_file():
         load_rng_state(rng_file)
-    saved_processes = saved_process_count(path)
     if saved_processes != accelerator.num_processes:
         accelerator.print(f"note: checkpoint written by {saved_processes} process(es), resumed on "
                           f"{accelerator.num_processes}: the same batches and optimizer state; the dropout masks are "
@@ -393,17 +393,12 @@ def move_aside(checkpoint_dir: Path, folders: list[Path]) -> list[Path]:
     return [target / path.name for path in folders]
 
 
-def saved_process_count(path: Path) -> int:
-    return json.loads((path / STATE_FILE).read_text()).get("num_processes", 1)
-
-
 def verify(path: Path) -> TrainState:
     """Read every file of a checkpoint (each process's RNG state included) without applying anything.
 
     Every process runs the same check on the same files, so all of them take the same decision about
     a damaged checkpoint: one process falling back to an older checkpoint alone would train alone."""
-    state = read_state(path)
-    saved_processes = saved_process_count(path)
+    state, saved_processes = read_state(path)
     try:
         load_file(path / ADAPTER_FILE)
         load_optimizer(path)

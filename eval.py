@@ -448,12 +448,12 @@ def main(argv=None) -> int:
         if splits.label_names != label_names:
             raise data.DataError(f"dataset labels {splits.label_names} differ from the model's {label_names}; "
                                  "evaluate on data with the classes the model was trained on")
-        tokens = data.tokenize(splits.eval, tokenizer, max_length, run_config.get("truncation", "head"))  # as trained
-        loader = data.build_dataloader(tokens, tokenizer.pad_token_id, args.batch_size, train=False)
         if splits.multi_label != multi_label:
             raise data.DataError(f"the data has {'several labels' if splits.multi_label else 'one label'} per text but "
                                  f"the model is {'multi' if multi_label else 'single'}-label; evaluate on data of "
                                  "the kind it was trained on")
+        tokens = data.tokenize(splits.eval, tokenizer, max_length, run_config.get("truncation", "head"))  # as trained
+        loader = data.build_dataloader(tokens, tokenizer.pad_token_id, args.batch_size, train=False)
         metrics = evaluate(model, accelerator.prepare(loader), accelerator, label_names, multi_label,
                            thresholds=thresholds)
         if accelerator.is_main_process:

@@ -230,9 +230,8 @@ def plot_curves(results: dict):
                      transform=loss_ax.transAxes, ha="center", va="bottom", color="tab:gray")
 
     f1_label = "f1 (positive class)" if len(results["label_names"]) == 2 else "f1 (macro)"
-    lines = ((("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("f1", f1_label))
-             if not results.get("multi_label") else
-             (("f1_micro", "f1 micro"), ("f1_macro", "f1 macro"), ("subset_accuracy", "subset accuracy")))
+    lines = [(key, f1_label if key == "f1" else key.replace("_", " "))
+             for key in CURVE_METRICS[bool(results.get("multi_label"))]]
     # Distinct markers and dashes: on balanced data accuracy and balanced accuracy coincide exactly.
     for (key, label), style in zip(lines, ("o-", "s--", "^:")):
         metric_ax.plot(eval_steps, [e[key] for e in evals], style, label=label, markersize=5)

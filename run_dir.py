@@ -69,7 +69,7 @@ class RunDir:
         if not self.path.is_dir():
             return []
         ours = self.recorded() | {MANIFEST, MANIFEST + ".tmp"}
-        ours_dirs = {str(Path(f).parent) for f in ours} | {str(p) for f in ours for p in Path(f).parents}
+        ours_dirs = {str(p) for f in ours for p in Path(f).parents}
         foreign = []
         for entry in sorted(self.path.rglob("*"), key=lambda p: (len(p.parts), str(p))):
             rel = str(entry.relative_to(self.path))
@@ -133,7 +133,7 @@ class RunDir:
         """Add files (or every file under folders) that we just wrote to the manifest."""
         self._save_manifest(self.recorded() | _relative_files(self.path, paths))
 
-    def remove(self, relative_files, *, keep_record: bool = False) -> None:
+    def remove(self, relative_files) -> None:
         """Delete the given files *if the manifest lists them*, then the folders they leave empty."""
         listed = self.recorded()
         doomed = [f for f in relative_files if f in listed]
@@ -145,8 +145,7 @@ class RunDir:
                              key=lambda p: len(p.parts), reverse=True):
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
-        if not keep_record:
-            self._save_manifest(listed - set(doomed))
+        self._save_manifest(listed - set(doomed))
 
     def remove_tree(self, folder: Path) -> None:
         """``remove`` for every recorded file under ``folder`` (a checkpoint, the best adapter ...)."""

@@ -27,13 +27,14 @@ import data  # noqa: E402
 import export_onnx  # noqa: E402
 import lora_setup  # noqa: E402
 import reporting  # noqa: E402
+import train_loop  # noqa: E402
 
 
 def fresh_adapter(folder: Path, model: str = "embedded:minilm") -> Path:
-    """A default-config LoRA adapter on ``model``, saved as a training run would save it."""
+    """A LoRA adapter on ``model`` with train_loop.py's default settings, saved as a training run saves it."""
     tokenizer = lora_setup.load_tokenizer(model)
-    base, heads = lora_setup.load_base_model(model, data.EMBEDDED_LABEL_NAMES, tokenizer.pad_token_id)
-    peft_model = lora_setup.apply_lora(base, lora_setup.build_lora_config(base, heads, r=16, alpha=32, dropout=0.1))
+    peft_model, _ = train_loop.build_model(train_loop.TrainConfig(model=model), data.EMBEDDED_LABEL_NAMES,
+                                           tokenizer.pad_token_id)
     lora_setup.save_adapter(peft_model, tokenizer, folder)
     return folder
 

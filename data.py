@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import inspect
 import math
 import os
 import re
@@ -594,9 +595,9 @@ def load_splits(
     return LabelledSplits(train=train, eval=evaluation, label_names=label_names, notes=notes)
 
 
-# The settings (TrainConfig's field names) that decide which rows a run trains and evaluates on.
-SPLIT_SETTINGS = ("dataset", "dataset_config", "eval_file", "eval_split", "text_column", "label_column", "num_labels",
-                  "eval_size", "seed", "max_train_samples", "max_eval_samples", "drop_empty_texts", "label_separator")
+# The settings that decide which rows a run trains and evaluates on: load_splits' parameters, each named
+# as TrainConfig's field (tests/test_data.py checks the names and the defaults match).
+SPLIT_SETTINGS = tuple(inspect.signature(load_splits).parameters)
 
 
 def load_run_splits(settings: Mapping) -> LabelledSplits:

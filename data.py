@@ -32,8 +32,10 @@ tag never seen in train are refused; repeated tags in one row count once.
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import inspect
+import json
 import math
 import os
 import re
@@ -155,7 +157,10 @@ def _load_file(path: str, split: str, notes: list[str]):
             # utf-8-sig: else a byte-order mark sticks to the first column's name
             options = {"delimiter": delimiter, "encoding": "utf-8-sig"}
     try:
-        return datasets.load_dataset(LOCAL_FORMATS[suffix], data_files={"train": path}, **options)["train"]
+        # Re-read every time: datasets' cache knows a local file by its path and modification time, so
+        # contents changed with the time stamp kept would otherwise be read stale.
+        return datasets.load_dataset(LOCAL_FORMATS[suffix], data_files={"train": path}, download_mode="force_redownload",
+                                     **options)["train"]
     except Exception as err:  # the parsers raise many different types; all mean "not this format"
         cause = _root_cause(err)
         if "corresponds to no data" in str(err):  # datasets' way of saying a file has a header and no rows
@@ -524,23 +529,10 @@ def held_out_size(eval_size: float | None, rows: int, notes: list[str]) -> int |
     return size
 
 
-def load_splits(
-    dataset: str = DEFAULT_DATASET,
-    *,
-    text_column: str = "text",
-    label_column: str = "label",
-    eval_file: str | None = None,
-    dataset_config: str | None = None,
-    eval_split: str | None = None,
-    eval_size: float | None = None,
-    num_labels: int | None = None,
-    seed: int = 42,
-    max_train_samples: int | None = None,
-    max_eval_samples: int | None = None,
-    drop_empty_texts: bool = False,
-    label_separator: str | None = None,
-) -> LabelledSplits:
-    """Load, clean and split a labelled text dataset (see the module docstring)."""
+def _load_labelled(dataset, text_column, label_column, eval_file, dataset_config, eval_split, num_labels,
+                   drop_empty_texts, label_separator):
+    """The source's train and eval rows (eval ``None`` when it has none), columns selected, texts checked
+    and labels encoded: ``(train, eval, label_names, multi_label, notes)``."""
     check_source_settings(dataset, eval_file, dataset_config, eval_split, text_column, label_column)
     notes: list[str] = []
     train, evaluation = load_raw(dataset, eval_file, dataset_config, eval_split, notes)
@@ -565,6 +557,29 @@ def load_splits(
                             f"{_listing(label_names)}; drop --num_labels (multi-label reads the tags from the data)")
     else:
         train, evaluation, label_names = _labelled(train, evaluation, num_labels, notes)
+    return train, evaluation, label_names, multi_label, notes
+
+
+def load_splits(
+    dataset: str = DEFAULT_DATASET,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    eval_file: str | None = None,
+    dataset_config: str | None = None,
+    eval_split: str | None = None,
+    eval_size: float | None = None,
+    num_labels: int | None = None,
+    seed: int = 42,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    drop_empty_texts: bool = False,
+    label_separator: str | None = None,
+) -> LabelledSplits:
+    """Load, clean and split a labelled text dataset (see the module docstring)."""
+    train, evaluation, label_names, multi_label, notes = _load_labelled(
+        dataset, text_column, label_column, eval_file, dataset_config, eval_split, num_labels, drop_empty_texts,
+        label_separator)
     # The same text on both sides of the split would inflate the eval score, so duplicates go first.
     train = _drop_duplicate_texts(train)
     if evaluation is None:
@@ -593,6 +608,30 @@ def load_splits(
             "examples of at least two classes"
         )
     return LabelledSplits(train=train, eval=evaluation, label_names=label_names, notes=notes)
+
+
+def fingerprint(ds) -> str:
+    """sha256 over a split's texts and labels, in order: two splits with the same fingerprint hold the
+    same rows. A resume and a re-score compare it, so a data file edited in between is noticed."""
+    digest = hashlib.sha256()
+    for text, label in zip(ds["text"], ds["label"]):
+        digest.update(json.dumps([text, label]).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def load_all_rows(dataset: str, *, text_column: str = "text", label_column: str = "label", eval_file: str | None = None,
+                  dataset_config: str | None = None, eval_split: str | None = None, num_labels: int | None = None,
+                  label_separator: str | None = None, drop_empty_texts: bool = False,
+                  max_eval_samples: int | None = None, seed: int = 42) -> LabelledSplits:
+    """Every labelled row of a dataset as the eval split, for scoring a saved model on data of the
+    user's choice (``eval.py --dataset``): a local file whole (its --eval_file instead, if given), a Hub
+    dataset's eval split (validation, else test), an embedded source whole. No train split is carved."""
+    train, evaluation, label_names, multi_label, notes = _load_labelled(
+        dataset, text_column, label_column, eval_file, dataset_config, eval_split, num_labels, drop_empty_texts,
+        label_separator)
+    rows = _subsample(evaluation if evaluation is not None else train, max_eval_samples, seed)
+    return LabelledSplits(train=rows.select([]), eval=rows, label_names=label_names, notes=notes,
+                          multi_label=multi_label)
 
 
 # The settings that decide which rows a run trains and evaluates on: load_splits' parameters, each named
@@ -865,6 +904,13 @@ def ignored_like(labels):
     """The ignored label of a row: ``IGNORED_LABEL``, or a row of them for a multi-hot (multi-label) row, so
     that a micro-batch made only of ignored rows still collates to the (batch x K) float labels of its kind."""
     return [IGNORED_LABEL] * len(labels) if isinstance(labels, (list, tuple)) else IGNORED_LABEL
+
+
+def loader_options(num_workers: int | None, on_gpu: bool) -> dict:
+    """DataLoader settings that only pay off on a GPU: widths rounded to multiples of 8 (tensor-core
+    friendly shapes), worker processes that collate ahead, and pinned memory for faster copies."""
+    return dict(pad_to_multiple_of=8 if on_gpu else None,
+                num_workers=num_workers if num_workers is not None else (2 if on_gpu else 0), pin_memory=on_gpu)
 
 
 def build_dataloader(tokenized, pad_token_id: int, batch_size: int, *, train: bool, group_by_length: bool = True,

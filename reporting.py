@@ -7,10 +7,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval import MULTI_LABEL_METRICS, REPORT_METRICS
+from metric_names import (CURVE_METRICS, MULTI_LABEL_METRICS, MULTI_LABEL_SUMMARY, REPORT_METRICS,
+                          SUMMARY_METRICS)
 
-SUMMARY_METRICS = ("accuracy", "f1", "precision", "recall", "balanced_accuracy", "loss")
-MULTI_LABEL_SUMMARY = ("f1_micro", "f1_macro", "f1_samples", "subset_accuracy", "hamming_loss", "loss")
+# Settings that say how a run was started, not what it trained: left out of the block the report offers for
+# re-use, since `--config` with overwrite: true would move the very run it came from aside.
+NOT_FOR_REUSE = ("overwrite", "resume_from_checkpoint")
+
+
+def f1_label(label_names: list[str]) -> str:
+    """Which F1 ``compute_metrics`` reports: the positive class's with two classes, else the macro average."""
+    return f"f1 (class '{label_names[1]}')" if len(label_names) == 2 else "f1 (macro)"
+
+
+def headline(metrics: dict, label_names: list[str], multi_label: bool = False) -> str:
+    """One line of the main scores, for the console."""
+    if multi_label:
+        return f"f1_micro {metrics['f1_micro']:.4f}, f1_macro {metrics['f1_macro']:.4f}"
+    return f"accuracy {metrics['accuracy']:.4f}, {f1_label(label_names)} {metrics['f1']:.4f}"
 
 
 def format_comparison(before: dict, after: dict, label_names: list[str], multi_label: bool = False) -> str:
@@ -183,8 +197,10 @@ def _config_section(results: dict) -> list[str]:
     import yaml
 
     # yaml.safe_dump, not json.dumps: PyYAML reads JSON's 1e-05 back as a string, its own 1.0e-05 as a float.
-    block = yaml.safe_dump(results["config"], sort_keys=False, default_flow_style=False)
-    return ["## Config used", "Every setting of the run; the block is YAML, which `train_loop.py --config` reads.",
+    settings = {k: v for k, v in results["config"].items() if k not in NOT_FOR_REUSE}
+    block = yaml.safe_dump(settings, sort_keys=False, default_flow_style=False)
+    return ["## Config used", "The settings of the run (how it was started, --overwrite or --resume_from_checkpoint, "
+            "left out); the block is YAML, which `train_loop.py --config` reads.",
             f"```yaml\n{block}```"]
 
 
@@ -207,7 +223,6 @@ def write_report(output_dir: str | Path, results: dict) -> Path:
 
 
 # The eval metrics drawn over training and listed in the report, single-label (False) and multi-label (True).
-CURVE_METRICS = {False: ("accuracy", "balanced_accuracy", "f1"), True: ("f1_micro", "f1_macro", "subset_accuracy")}
 
 
 def plot_curves(results: dict):
@@ -258,7 +273,7 @@ def plot_confusion_matrices(results: dict):
     import numpy as np
     from matplotlib.figure import Figure
 
-    names = results["label_names"]
+    names = [name.replace("$", r"\$") for name in results["label_names"]]  # '$' would start mathtext
     n = len(names)
     side = max(3.5, 0.6 * n + 2.0)  # inches per matrix: room for the labels and counts of many classes
     figure = Figure(figsize=(2 * side + 1.2, side), layout="constrained")
@@ -292,6 +307,10 @@ def save_plots(output_dir: str | Path, results: dict) -> list[Path]:
         (CURVES_FILE, plot_curves), (CONFUSION_FILE, plot_confusion_matrices))
     for name, draw in plots:
         path = Path(output_dir) / name
-        draw(results).savefig(path, dpi=110)
+        try:  # a plot is a convenience: it must never fail a finished run
+            draw(results).savefig(path, dpi=110)
+        except Exception as err:  # matplotlib raises many types (a class name with '$' is read as math)
+            print(f"warning: {name} not drawn ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+            continue
         paths.append(path)
     return paths

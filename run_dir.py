@@ -1,208 +1,164 @@
-"""The output directory: where a run writes, and the promise that it deletes only what it wrote.
+"""The output directory: one run per folder at a time, and nothing of anyone's ever deleted.
 
 People point ``--output_dir`` at folders that hold other things: their thesis, the dataset itself, the
-working directory. So every file a run writes is recorded in a manifest (``.run_manifest.json``) the
-moment it is written, and:
+working directory. Each guarantee below holds because the code that could break it does not exist,
+not because a check catches each way it could break:
 
-  * a folder holding anything that is not in its manifest is refused, with or without ``--overwrite``,
-    and the refusal lists a few of those entries;
-  * ``--overwrite`` deletes exactly the files of the manifest (then the folders it made, if empty);
-  * the working directory, a parent of it, the home directory and the filesystem root are never
-    overwritten, and a file is never taken for an output folder.
+  * **A start deletes nothing.** ``--overwrite`` renames the previous run, whole, to a sibling
+    ``OUTPUT_DIR.previous-YYYYmmdd-HHMMSS`` (undo: rename it back). No file is read to decide what to
+    remove, so no edited file can widen it.
+  * **A run starts only in a folder that is new, empty, or holds a run of this tool** (it has
+    ``run_config.json``). A folder holding anything else is refused, with or without ``--overwrite``.
+  * **A run never writes over what it reads.** No input (dataset, eval file, model folder, checkpoint
+    to resume from is the exception: it lives in the run) may lie inside the output dir, and the output
+    dir may not lie inside an input folder.
+  * **One run per output dir at a time.** The main process holds an OS lock (``fcntl.flock``) on
+    ``OUTPUT_DIR/.lock`` for the whole run. The kernel releases it when the process ends, however it
+    ends, so a crashed or killed run never leaves the folder locked.
 
-All checks run before any model is loaded, on every process, so a refusal costs nothing and stops
-every process the same way.
+The only files a run ever removes are checkpoints it wrote itself, earlier in the same process
+(``--keep_checkpoints``, ``checkpointing.CheckpointWriter``): it knows them from memory, not from disk.
+
+Everything here except ``claim`` only reads, so the start-up check runs on every process before any
+model is loaded: a refusal costs nothing and stops every process the same way.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-import shutil
-from contextlib import contextmanager
+import time
 from pathlib import Path
 
-MANIFEST = ".run_manifest.json"
-# Written by us, but under names we do not know in advance: half-written checkpoints (a crash), the
-# abandoned line of checkpoints moved aside on resume, and the experiment tracker's event files.
-OWNED_PREFIXES = ("checkpoints/.incomplete_", "checkpoints/abandoned/", "logs/")
+RUN_MARKER = "run_config.json"  # written first by every run: a folder holding it is a run of this tool
+LOCK_FILE = ".lock"
 
 
 class OutputDirError(ValueError):
     """The output directory cannot be used as asked; the message says why and what to do instead."""
 
 
-def _relative_files(root: Path, paths) -> set[str]:
-    found = set()
-    for path in map(Path, paths):
-        if path.is_dir() and not path.is_symlink():
-            found |= {str(p.relative_to(root)) for p in path.rglob("*") if not p.is_dir()}
-        elif path.exists() or path.is_symlink():
-            found.add(str(path.relative_to(root)))
-    return found
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _resolved(name: str | None) -> Path | None:
+    if not name or name.startswith("embedded:"):
+        return None
+    path = Path(name).expanduser()
+    return path.resolve() if path.exists() else None
 
 
 class RunDir:
-    """One run's output directory and the manifest of the files written into it."""
+    """One run's output directory."""
 
     def __init__(self, path: str | Path):
-        # Symlinks resolved: the checks and any deletion act on the real folder, never on the link.
+        # Symlinks resolved: the checks and the rename act on the real folder, never on the link.
         self.path = Path(path).expanduser().resolve()
-        self.manifest = self.path / MANIFEST
-
-    # -- reading ---------------------------------------------------------------------------------
-
-    def recorded(self) -> set[str]:
-        if not self.manifest.is_file():
-            return set()
-        try:
-            return set(json.loads(self.manifest.read_text())["files"])
-        except (ValueError, KeyError, TypeError):
-            raise OutputDirError(f"the manifest '{self.manifest}' is damaged, so which files are this tool's cannot "
-                                 "be told apart; pick another --output_dir") from None
+        self._lock = None
+        self._checked = {}
 
     def is_run(self) -> bool:
-        return self.manifest.is_file()
+        return (self.path / RUN_MARKER).is_file()
 
-    def foreign_entries(self) -> list[str]:
-        """Files and folders in the output dir that no run of ours wrote, shallowest first."""
-        if not self.path.is_dir():
-            return []
-        ours = self.recorded() | {MANIFEST, MANIFEST + ".tmp"}
-        ours_dirs = {str(p) for f in ours for p in Path(f).parents}
-        foreign = []
-        for entry in sorted(self.path.rglob("*"), key=lambda p: (len(p.parts), str(p))):
-            rel = str(entry.relative_to(self.path))
-            if rel in ours or rel.startswith(OWNED_PREFIXES) or rel + "/" in OWNED_PREFIXES:
-                continue
-            if entry.is_dir() and not entry.is_symlink() and rel in ours_dirs:
-                continue  # a folder we wrote into: its contents are judged one by one
-            if not any(rel.startswith(f + "/") for f in foreign):
-                foreign.append(rel + ("/" if entry.is_dir() else ""))
-        return foreign
+    def is_empty(self) -> bool:
+        return not self.path.is_dir() or all(p.name == LOCK_FILE for p in self.path.iterdir())
 
-    # -- the start-up check ----------------------------------------------------------------------
+    # -- the start-up check (read-only) ------------------------------------------------------------
 
     def check(self, *, overwrite: bool, resuming: bool, inputs: list[str] = (), describe_run=None) -> None:
         """Refuse an output dir that cannot be used as asked (raises OutputDirError); writes nothing.
         ``describe_run(path)`` may say how the run already there differs from this one."""
+        self._checked = dict(overwrite=overwrite, resuming=resuming, inputs=inputs, describe_run=describe_run)
         where = f"--output_dir '{self.path}'"
         if self.path.exists() and not self.path.is_dir():
             raise OutputDirError(f"{where} is a file, not a folder; pass a folder name")
         for name in inputs:
-            if name and Path(name).expanduser().exists() and Path(name).expanduser().resolve() == self.path:
-                raise OutputDirError(f"{where} is one of the run's inputs ({name}); pass another folder")
+            path = _resolved(name)
+            if path is not None and (_inside(path, self.path) or (path.is_dir() and _inside(self.path, path))):
+                raise OutputDirError(f"{where} and the input '{name}' overlap (one lies inside the other), so the "
+                                     "run could write over what it reads; put the output dir elsewhere")
         if overwrite and resuming:
-            raise OutputDirError("--overwrite and --resume_from_checkpoint contradict each other: --overwrite deletes "
-                                 "the run's checkpoints before the resume could read them; drop one of them")
+            raise OutputDirError("--overwrite and --resume_from_checkpoint contradict each other: --overwrite moves "
+                                 "the run (and its checkpoints) aside before the resume could read them; drop one")
         home, cwd = Path.home().resolve(), Path.cwd().resolve()
         if overwrite and self.path in {home, cwd, Path(self.path.anchor), *cwd.parents}:
             raise OutputDirError(f"{where} is the working, home or root directory (or a parent of the working one); "
-                                 "--overwrite is never applied there: pass a dedicated folder")
+                                 "--overwrite never moves those: pass a dedicated folder")
         ancestor = next(p for p in (self.path, *self.path.parents) if p.exists())
         if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
             raise OutputDirError(f"{where} cannot be written ('{ancestor}' is not a writable folder); pass a folder "
                                  "you can write to")
-        if not self.path.is_dir() or not any(self.path.iterdir()):
+        if self.is_empty():
             return
-        foreign = self.foreign_entries()
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            kind = "holds files this tool did not write" if self.is_run() else "is not empty and holds no run of ours"
-            raise OutputDirError(f"{where} {kind} ({shown}); nothing there is deleted, with or without --overwrite: "
-                                 "pick an empty or new --output_dir")
-        if not self.is_run() or overwrite or resuming:
+        if not self.is_run():
+            raise OutputDirError(f"{where} is not empty and holds no run of this tool (no {RUN_MARKER}); a run "
+                                 "starts only in a new or empty folder: pick another --output_dir")
+        if overwrite or resuming:
             return
         detail = describe_run(self.path) if describe_run else ""
         raise OutputDirError(f"{where} already holds a run{detail}; pass --resume_from_checkpoint latest to continue it, "
-                             "another --output_dir, or --overwrite to delete that run's own files (its checkpoints, "
-                             "adapter and results) and start over")
+                             "another --output_dir, or --overwrite to move that run aside (renamed, not deleted) and "
+                             "start over")
 
-    # -- writing (main process only) -------------------------------------------------------------
+    # -- claiming (main process only) ----------------------------------------------------------------
 
-    def claim(self, overwrite: bool) -> None:
-        """Create the folder and its manifest; with ``overwrite``, first delete the previous run's files."""
-        if overwrite and self.is_run():
-            self.remove(self.recorded())
-            self._save_manifest(set())
+    def claim(self) -> Path | None:
+        """Lock the folder for this run, check it again under the lock (another start may have come first),
+        and with ``--overwrite`` move the previous run aside. Returns where it went, if anywhere."""
         self.path.mkdir(parents=True, exist_ok=True)
-        if not self.manifest.is_file():
-            self._save_manifest(set())
+        self._lock = self._acquire()
+        self.check(**self._checked)
+        if not (self._checked.get("overwrite") and self.is_run()):
+            return None
+        aside = self.path.with_name(f"{self.path.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        for n in range(2, 1000):
+            if not aside.exists():
+                break
+            aside = aside.with_name(f"{self.path.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        os.rename(self.path, aside)  # one rename: atomic, and undone by renaming it back
+        previous_lock = self._lock  # still held: it moved with the folder
+        self.path.mkdir()
+        self._lock = self._acquire()
+        previous_lock.close()
+        return aside
 
-    def record(self, *paths) -> None:
-        """Add files (or every file under folders) that we just wrote to the manifest."""
-        self._save_manifest(self.recorded() | _relative_files(self.path, paths))
+    def _acquire(self):
+        handle = open(self.path / LOCK_FILE, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise OutputDirError(f"--output_dir '{self.path}' is in use by another run that is still going; wait for "
+                                 "it to end, or pick another --output_dir") from None
+        return handle
 
-    def remove(self, relative_files) -> None:
-        """Delete the given files *if the manifest lists them*, then the folders they leave empty."""
-        listed = self.recorded()
-        doomed = [f for f in relative_files if f in listed]
-        for rel in doomed:
-            target = self.path / rel
-            if target.is_file() or target.is_symlink():
-                target.unlink()
-        for folder in sorted({p for rel in doomed for p in (self.path / rel).parents if self.path in p.parents},
-                             key=lambda p: len(p.parts), reverse=True):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        self._save_manifest(listed - set(doomed))
+    def claim_on_main(self, accelerator, record: dict) -> None:
+        """The main process claims the folder and writes ``run_config.json`` (``record``); every process
+        learns whether that worked, so a refusal stops them all (one waiting forever would hang the job)."""
+        from accelerate.utils import broadcast_object_list
 
-    def remove_tree(self, folder: Path) -> None:
-        """``remove`` for every recorded file under ``folder`` (a checkpoint, the best adapter ...)."""
-        prefix = str(Path(folder).resolve().relative_to(self.path)) + "/"
-        self.remove([f for f in self.recorded() if f.startswith(prefix)])
+        refusal = None
+        if accelerator.is_main_process:
+            try:
+                aside = self.claim()
+                if aside is not None:
+                    accelerator.print(f"--overwrite: moved the previous run to '{aside}' (nothing deleted)")
+                (self.path / RUN_MARKER).write_text(json.dumps(record, indent=2))
+            except OutputDirError as err:
+                refusal = str(err)
+        refusal = broadcast_object_list([refusal])[0]
+        if refusal:
+            raise OutputDirError(refusal)
 
-    def replace_tree(self, source: Path, target: Path) -> None:
-        """Make ``target`` (inside the run) a copy of ``source``, deleting only what we wrote there."""
-        self.remove_tree(target)
-        if target.exists() and any(target.iterdir()):
-            raise OutputDirError(f"'{target}' holds files this tool did not write; move them away and resume again")
-        shutil.copytree(source, target, dirs_exist_ok=True)
-        self.record(target)
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
-    def moved(self, old: Path, new: Path) -> None:
-        """Keep the manifest right after a folder of ours was renamed (checkpoints moved aside)."""
-        old_prefix = str(Path(old).resolve().relative_to(self.path)) + "/"
-        new_prefix = str(Path(new).resolve().relative_to(self.path)) + "/"
-        self._save_manifest({new_prefix + f[len(old_prefix):] if f.startswith(old_prefix) else f
-                             for f in self.recorded()})
+    def __enter__(self) -> "RunDir":
+        return self
 
-    @contextmanager
-    def recording(self, main: bool = True):
-        """Record every file written or rewritten inside the block (what a library's ``save_pretrained``
-        writes is not known in advance: adapter, tokenizer, model card ...). Only the main process writes."""
-        before = self._mtimes() if main else {}
-        yield
-        if main:
-            after = self._mtimes()
-            self.record(*[self.path / rel for rel, mtime in after.items() if before.get(rel) != mtime])
-
-    def _mtimes(self) -> dict:
-        return {str(p.relative_to(self.path)): p.stat().st_mtime_ns for p in self.path.rglob("*") if p.is_file()}
-
-    def checkpoints_written(self, added, pruned) -> None:
-        """After a checkpoint save: record the new one, delete the pruned ones (only files we wrote)."""
-        self.record(*added)
-        for folder in pruned:
-            self.remove_tree(folder)
-            if folder.exists():  # something not ours was left inside: keep it, say so
-                print(f"warning: kept '{folder}': it holds files this tool did not write")
-
-    def restore_best(self, source: Path, target: Path) -> None:
-        """On resume, the best adapter is the resumed line's (kept in the checkpoint), not whatever an
-        abandoned line left in ``target``."""
-        if source.is_dir():
-            self.replace_tree(source, target)
-        else:
-            self.remove_tree(target)
-
-    def write_text(self, name: str, text: str) -> Path:
-        path = self.path / name
-        path.write_text(text)
-        self.record(path)
-        return path
-
-    def _save_manifest(self, files: set[str]) -> None:
-        temporary = self.manifest.with_name(MANIFEST + ".tmp")
-        temporary.write_text(json.dumps({"tool": "lora-text-classification", "files": sorted(files)}, indent=0))
-        os.replace(temporary, self.manifest)  # atomic: the manifest is never half-written
+    def __exit__(self, *exc) -> None:
+        self.release()

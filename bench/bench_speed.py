@@ -246,7 +246,7 @@ class Job:
         return self.accelerator.device.type == "cuda"
 
     def loader_options(self) -> dict:
-        return train_loop.loader_options(self.cfg, self.on_gpu)  # the same choices as train_loop.train()
+        return data.loader_options(self.cfg.num_workers, self.on_gpu)  # the same choices as train_loop.train()
 
 
 def prepare_job(cfg: train_loop.TrainConfig) -> Job:

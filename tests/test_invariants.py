@@ -19,6 +19,7 @@ import os
 import random
 
 import pytest
+import torch
 from conftest import sentiment_rows, tiny_args, write_csv
 from safetensors.torch import load_file
 
@@ -31,6 +32,9 @@ SEQUENCES = int(os.environ.get("INVARIANT_SEQUENCES", "16"))
 OPERATIONS = ("fresh", "kill", "kill", "resume_latest", "resume_path", "overwrite", "rescore")
 SETTINGS = ["--num_epochs", "2", "--checkpoint_every", "2", "--keep_checkpoints", "3", "--eval_every", "3",
             "--max_length", "16", "--eval_size", "16"]
+
+
+REAL_SAVE_PLOTS = reporting.save_plots
 
 
 class SimulatedKill(BaseException):
@@ -150,3 +154,270 @@ def test_random_operation_sequences_keep_every_invariant(tiny_model_dir, tmp_pat
                 assert final["loss"] == pytest.approx(reference_final["loss"], abs=1e-6), context
     print(f"\n{SEQUENCES} sequences: {counts}")
     assert counts["completed"] >= SEQUENCES // 2 and counts["refused"] >= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The operations that broke the old guard machinery, one test each. Each states its invariant.
+# ----------------------------------------------------------------------------------------------
+
+FAST = ["--max_length", "16", "--eval_size", "16"]
+
+
+def one_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def tree(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def csv48(tmp_path):
+    return write_csv(tmp_path / "reviews.csv", sentiment_rows(48))
+
+
+def checkpointed(model, csv, out, *extra):
+    args = tiny_args(model, str(csv), out, "--max_steps", "4", "--checkpoint_every", "2", *FAST, *extra)
+    code, _, err = run(train_loop.main, args)
+    assert code == 0, err
+    return args
+
+
+def test_two_starts_at_once_into_one_output_dir_one_is_refused(tiny_model_dir, csv48, tmp_path):
+    """One run per output dir at a time: two processes started together, one trains, the other stops
+    with one line and writes nothing; the folder holds one run's files only."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    code = ("import sys, train_loop; sys.exit(train_loop.main(sys.argv[1:]))")
+    args = tiny_args(tiny_model_dir(), str(csv48), out, "--max_steps", "6", *FAST)
+    env = {**os.environ, "PYTHONPATH": str(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}
+    processes = [subprocess.Popen([sys.executable, "-c", code, *args, "--seed", str(seed)], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for seed in (1, 2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in processes]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert "in use by another run" in one_error(refused) or "already holds a run" in one_error(refused)
+    winner = json.loads((out / "run_config.json").read_text())["seed"]
+    assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == winner
+
+
+def test_the_lock_is_held_for_the_run_and_released_however_it_ends(tmp_path):
+    import run_dir
+
+    first = run_dir.RunDir(tmp_path / "run")
+    first.check(overwrite=False, resuming=False)
+    first.claim()
+    second = run_dir.RunDir(tmp_path / "run")
+    second.check(overwrite=False, resuming=False)  # only .lock inside: looks empty, the lock decides
+    with pytest.raises(run_dir.OutputDirError, match="in use by another run"):
+        second.claim()
+    first.release()  # what the kernel does when the process ends, however it ends
+    second.claim()
+
+
+@pytest.mark.parametrize("edit", ["append_rows", "labels_in_place_same_mtime"])
+def test_an_input_edited_between_run_and_resume_is_refused(tiny_model_dir, csv48, tmp_path, edit):
+    """A resume and a re-score only ever on the same data: compared by content, not by name or time."""
+    out = tmp_path / "run"
+    args = checkpointed(tiny_model_dir(), csv48, out)
+    stamp = os.stat(csv48)
+    if edit == "append_rows":
+        write_csv(csv48, sentiment_rows(60))
+    else:  # the same texts, every label flipped, the time stamp put back: the datasets cache would read it stale
+        write_csv(csv48, [(text, 1 - label) for text, label in sentiment_rows(48)])
+        os.utime(csv48, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    before = tree(out)
+    code, _, err = run(train_loop.main, args + ["--resume_from_checkpoint", "latest"])
+    assert code == 2 and "other inputs" in one_error(err) and "split" in one_error(err), err
+    code, _, err = run(evaluation.main, ["--adapter_dir", str(out)])
+    assert code == 2 and "not the one it was scored on" in one_error(err), err
+    assert tree(out) == before
+
+
+def test_a_replaced_model_file_is_refused_on_resume_and_rescore(tiny_model_dir, csv48, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(), model)
+    out = tmp_path / "run"
+    args = checkpointed(str(model), csv48, out)
+    from transformers import AutoModel
+
+    weights = AutoModel.from_pretrained(model)
+    with torch.no_grad():
+        next(weights.parameters()).add_(0.01)
+    weights.save_pretrained(model)
+    code, _, err = run(train_loop.main, args + ["--resume_from_checkpoint", "latest"])
+    assert code == 2 and "the model's files changed" in one_error(err), err
+    code, _, err = run(evaluation.main, ["--adapter_dir", str(out)])
+    assert code == 2 and "not the one this adapter was trained on" in one_error(err), err
+
+
+@pytest.mark.parametrize("where", ["dataset", "model"])
+def test_an_input_inside_the_output_dir_or_around_it_is_refused(tiny_model_dir, tmp_path, where):
+    """A run never writes over what it reads: no input inside the output dir, no output dir inside an input."""
+    import shutil
+
+    out = tmp_path / "run"
+    out.mkdir()
+    if where == "dataset":
+        csv, model, output = write_csv(out / "reviews.csv", sentiment_rows(48)), tiny_model_dir(), out
+    else:  # an earlier run's folder used as --model, the new run's output dir inside it
+        csv, model = write_csv(tmp_path / "reviews.csv", sentiment_rows(48)), out / "merged"
+        shutil.copytree(tiny_model_dir(), model)
+        output = out / "merged" / "again"
+    before = tree(out)
+    code, _, err = run(train_loop.main, tiny_args(str(model), str(csv), output, "--max_steps", "1", *FAST))
+    assert code == 2 and "overlap" in one_error(err), err
+    assert tree(out) == before
+
+
+def test_an_interruption_during_the_final_saves_resumes_to_the_same_result(tiny_model_dir, csv48, tmp_path,
+                                                                           monkeypatch):
+    """Resumable after an interruption at any point, the final saves included."""
+    reference = tmp_path / "reference"
+    checkpointed(tiny_model_dir(), csv48, reference)
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model_dir(), str(csv48), out, "--max_steps", "4", "--checkpoint_every", "2", *FAST)
+    with monkeypatch.context() as patch:
+        def killed(*a, **k):
+            raise SimulatedKill
+
+        patch.setattr(reporting, "write_report", killed)
+        code, _, _ = run(train_loop.main, args)
+    assert code == "killed" and not (out / "report.md").exists()
+    code, _, err = run(train_loop.main, args + ["--resume_from_checkpoint", "latest"])
+    assert code == 0, err
+    trained, expected = load_file(out / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+    assert max((trained[k] - expected[k]).abs().max().item() for k in trained) <= 1e-6
+    assert (out / "report.md").is_file()
+
+
+def test_plots_never_fail_a_finished_run(tiny_model_dir, tmp_path, monkeypatch):
+    """A class name with '$' (mathtext in matplotlib) and a plot that raises: the run still finishes."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(reporting, "save_plots", REAL_SAVE_PLOTS)  # the autouse fixture stubbed it
+    rows = [(text, ["$cheap", "$$pricey"][label]) for text, label in sentiment_rows(48)]
+    csv = write_csv(tmp_path / "reviews.csv", rows)
+    code, _, err = run(train_loop.main, tiny_args(tiny_model_dir(), str(csv), tmp_path / "run", "--max_steps", "2",
+                                                  *FAST))
+    assert code == 0, err
+    assert (tmp_path / "run" / "confusion_matrices.png").is_file()
+    monkeypatch.setattr(reporting, "plot_curves", lambda results: 1 / 0)
+    assert [p.name for p in reporting.save_plots(tmp_path / "run", json.loads(
+        (tmp_path / "run" / "metrics.json").read_text()))] == ["confusion_matrices.png"]
+
+
+def test_the_reports_settings_block_fed_back_never_touches_the_run(tiny_model_dir, csv48, tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    checkpointed(tiny_model_dir(), csv48, out, "--overwrite")
+    report = (out / "report.md").read_text()
+    block = report[report.index("```yaml\n") + 8:]
+    block = block[:block.index("```")]
+    assert "overwrite" not in yaml.safe_load(block)
+    (tmp_path / "again.yaml").write_text(block)
+    before = tree(out)
+    code, _, err = run(train_loop.main, ["--config", str(tmp_path / "again.yaml")])
+    assert code == 2 and "already holds a run" in one_error(err), err
+    assert tree(out) == before
+
+
+@pytest.mark.parametrize("tamper", ["run_config", "checkpoint_identity", "best_adapter"])
+def test_tampered_state_files_never_widen_what_is_touched(tiny_model_dir, csv48, tmp_path, tamper):
+    """No file a user can edit decides what is removed: with any of them edited, a resume or --overwrite
+    removes nothing that is not a checkpoint this very process wrote, and refuses a checkpoint it cannot trust."""
+    out = tmp_path / "run"
+    args = checkpointed(tiny_model_dir(), csv48, out, "--eval_every", "2")
+    latest = out / "checkpoints" / "step_00000004"
+    if tamper == "run_config":
+        (out / "run_config.json").write_text(json.dumps({"files": ["../reviews.csv", str(csv48)]}))
+    elif tamper == "checkpoint_identity":
+        state = json.loads((latest / "trainer_state.json").read_text())
+        state["identity"]["inputs"]["train"] = "0" * 64
+        (latest / "trainer_state.json").write_text(json.dumps(state))
+    else:
+        (latest / "best" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    code, _, err = run(train_loop.main, args + ["--resume_from_checkpoint", str(latest)])
+    assert code == 2, err
+    assert ("damaged" if tamper == "best_adapter" else "other inputs" if tamper == "checkpoint_identity"
+            else "holds a run") in one_error(err) or tamper == "run_config"
+    assert csv48.exists()
+    code, _, err = run(train_loop.main, args + ["--overwrite"])
+    assert code == 0, err
+    [aside] = tmp_path.glob("run.previous-*")
+    assert (aside / "checkpoints" / "step_00000004").is_dir() and csv48.exists()
+
+
+def test_an_early_stopped_run_stays_stopped_after_a_resume(tiny_model_dir, csv48, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model_dir(), str(csv48), out, "--num_epochs", "4", "--eval_every", "1",
+                     "--early_stopping_patience", "1", "--learning_rate", "1e-9", *FAST)
+    code, printed, err = run(train_loop.main, args)
+    assert code == 0 and "early stopping" in printed, err
+    steps = json.loads((out / "metrics.json").read_text())["optimizer_steps"]
+    code, printed, err = run(train_loop.main, args + ["--resume_from_checkpoint", "latest"])
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["optimizer_steps"] <= steps
+
+
+def test_eval_on_another_file_scores_every_row_and_says_so(tiny_model_dir, csv48, tmp_path):
+    out = tmp_path / "run"
+    checkpointed(tiny_model_dir(), csv48, out)
+    other = write_csv(tmp_path / "other.csv", sentiment_rows(30, seed=7))
+    code, printed, err = run(evaluation.main, ["--adapter_dir", str(out), "--dataset", str(other)])
+    assert code == 0, err
+    assert json.loads(printed[printed.index("{"):])["num_samples"] == 30
+    assert "scored every row of" in printed
+    code, printed, err = run(evaluation.main, ["--adapter_dir", str(out)])
+    assert code == 0 and "the run's held-out split: 16 rows" in printed, err
+
+
+def test_eval_never_overwrites_an_output_file_and_keeps_line_numbers(tiny_model_dir, csv48, tmp_path):
+    out = tmp_path / "run"
+    checkpointed(tiny_model_dir(), csv48, out)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("good film\n\n   \ndull plot\n")
+    target = tmp_path / "predictions.jsonl"
+    code, _, err = run(evaluation.main, ["--adapter_dir", str(out), "--predict_file", str(texts), "--output",
+                                         str(target)])
+    assert code == 0, err
+    assert [json.loads(line)["line"] for line in target.read_text().splitlines()] == [1, 4]
+    before = target.read_bytes()
+    code, _, err = run(evaluation.main, ["--adapter_dir", str(out), "--predict", "good", "--output", str(target)])
+    assert code == 2 and "never overwritten" in one_error(err)
+    assert target.read_bytes() == before
+
+
+def test_the_embedded_model_is_recorded_by_its_hub_id_and_found_again():
+    import lora_setup
+
+    folder = lora_setup.resolve_model("embedded:minilm")[0]
+    assert lora_setup.portable_base_name(folder) == "sentence-transformers/all-MiniLM-L6-v2"
+    assert lora_setup.embedded_folder("sentence-transformers/all-MiniLM-L6-v2") == folder
+    assert lora_setup.portable_base_name("/some/local/model") == "/some/local/model"
+    assert lora_setup.embedded_folder("bert-base-uncased") is None
+
+
+def test_pruning_removes_only_what_this_process_wrote(tmp_path):
+    """--keep_checkpoints: the list of what may go lives in memory; a file added by hand stays, and so
+    does its folder."""
+    written = []
+    for step in (2, 4, 6):
+        folder = tmp_path / f"step_{step:08d}"
+        (folder / "best").mkdir(parents=True)
+        for name in ("a.safetensors", "best/b.json"):
+            (folder / name).write_text("ours")
+        written.append((folder, ["a.safetensors", "best/b.json"]))
+    (tmp_path / "step_00000004" / "mine.txt").write_text("by hand")
+    resumed_from = tmp_path / "step_00000000"
+    resumed_from.mkdir()
+    checkpointing.prune(written, keep=1, log=lambda message: None)
+    assert not (tmp_path / "step_00000002").exists()
+    assert sorted(p.name for p in (tmp_path / "step_00000004").rglob("*")) == ["mine.txt"]
+    assert (tmp_path / "step_00000006" / "a.safetensors").exists() and resumed_from.is_dir()

@@ -11,6 +11,7 @@ from conftest import sentiment_rows, tiny_args
 
 import data
 import lora_setup
+import settings
 import train_loop
 
 
@@ -184,7 +185,7 @@ def test_cosine_and_constant_schedules():
 
 
 def test_every_field_is_a_flag_with_help():
-    parser = train_loop.build_arg_parser()
+    parser = settings.build_arg_parser()
     flags = {a.dest: a for a in parser._actions}
     for field in train_loop.dataclasses.fields(train_loop.TrainConfig):
         assert field.name in flags and flags[field.name].help
@@ -297,3 +298,20 @@ def test_tensorboard_tracking_logs_train_and_eval_scalars(tiny_model_dir, tiny_c
         accumulator.Reload()
         scalars |= set(accumulator.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/samples_per_s", "eval/accuracy"} <= scalars
+
+
+@pytest.mark.parametrize("entry", ["train_loop.py", "eval.py"])
+def test_help_of_every_entry_point_runs(entry):
+    """The first command the README shows. argparse %-formats help texts: one stray '%' made it a traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, entry, "--help"], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "--output_dir" in result.stdout or "--adapter_dir" in result.stdout
+    if entry == "train_loop.py":  # the settings come in the groups users know from the transformers examples
+        for group in ("data:", "model and LoRA:", "optimisation:", "evaluation and checkpoints:",
+                      "output and logging:", "performance:"):
+            assert f"\n{group}" in result.stdout, group

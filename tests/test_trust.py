@@ -15,6 +15,7 @@ import torch
 from conftest import sentiment_rows, tiny_args, write_csv
 from safetensors.torch import load_file
 
+import resume
 import train_loop
 
 FAST = ["--max_length", "16", "--eval_size", "16"]
@@ -54,30 +55,26 @@ def test_overwrite_refuses_a_folder_holding_files_the_tool_did_not_write(tiny_mo
     before = snapshot(thesis)
     assert train_loop.main(tiny_args(tiny_model_dir(), csv48, thesis, "--max_steps", "1", "--overwrite", *FAST)) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "did not write" in line or "holds no run of ours" in line
-    assert "thesis.tex" in line and "chapters/" in line  # a few of the entries are named
-    assert "--overwrite to replace" not in line  # never advises the flag that would have deleted them
+    assert "holds no run of this tool" in line
+    assert "--overwrite to" not in line  # never advises the flag
     assert snapshot(thesis) == before
 
 
-def test_overwrite_of_a_run_keeps_the_users_files_and_the_dataset(tiny_model_dir, tmp_path, capsys):
+def test_overwrite_of_a_run_moves_it_aside_whole_with_the_users_files(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     dataset = write_csv(out / "data.csv", sentiment_rows(48))  # the dataset lives inside the output dir
     args = tiny_args(tiny_model_dir(), str(dataset), out, "--max_steps", "1", *FAST)
-    assert train_loop.main(args) == 2  # not empty and not ours: refused, even without --overwrite
+    assert train_loop.main(args) == 2  # an input inside the output dir: refused
     elsewhere = tmp_path / "run2"
     assert train_loop.main(tiny_args(tiny_model_dir(), str(dataset), elsewhere, "--max_steps", "1", *FAST)) == 0
     (elsewhere / "notes.txt").write_text("mine")  # the user adds a file to a finished run
-    capsys.readouterr()
-    assert train_loop.main(tiny_args(tiny_model_dir(), str(dataset), elsewhere, "--max_steps", "1", "--overwrite",
-                                     *FAST)) == 2
-    assert "notes.txt" in one_error_line(capsys.readouterr().err)
-    assert (elsewhere / "notes.txt").read_text() == "mine" and (elsewhere / "metrics.json").exists()
-    (elsewhere / "notes.txt").unlink()
+    before = snapshot(elsewhere)
     assert train_loop.main(tiny_args(tiny_model_dir(), str(dataset), elsewhere, "--max_steps", "2", "--overwrite",
                                      *FAST)) == 0
     assert json.loads((elsewhere / "metrics.json").read_text())["optimizer_steps"] == 2
+    [aside] = tmp_path.glob("run2.previous-*")
+    assert snapshot(aside) == before  # the previous run, the user's notes included, byte for byte
     assert dataset.exists()
 
 
@@ -90,7 +87,7 @@ def test_overwrite_never_applies_to_the_working_home_or_parent_directory(tiny_mo
     monkeypatch.setenv("HOME", str(tmp_path / "work"))
     target = {"cwd": ".", "parent": "..", "home": "~"}[where]
     assert train_loop.main(tiny_args(tiny_model_dir(), csv48, target, "--max_steps", "1", "--overwrite", *FAST)) == 2
-    assert "never applied there" in one_error_line(capsys.readouterr().err)
+    assert "never moves those" in one_error_line(capsys.readouterr().err)
     assert work.is_dir()
 
 
@@ -106,7 +103,7 @@ def test_overwrite_with_resume_is_refused_and_deletes_nothing(tiny_model_dir, cs
     assert snapshot(out) == before
 
 
-def test_every_checkpoint_damaged_does_not_advise_overwrite_without_saying_what_it_deletes(
+def test_every_checkpoint_damaged_advises_overwrite_only_as_a_move(
         tiny_model_dir, csv48, tmp_path, capsys):
     out, args = checkpointed_run(tiny_model_dir(), csv48, tmp_path / "run")
     for checkpoint in (out / "checkpoints").glob("step_*"):
@@ -114,7 +111,7 @@ def test_every_checkpoint_damaged_does_not_advise_overwrite_without_saying_what_
     capsys.readouterr()
     assert train_loop.main(args + ["--resume_from_checkpoint", "latest"]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "damaged" in line and ("--overwrite" not in line or "deletes" in line)
+    assert "damaged" in line and ("--overwrite" not in line or "moves this run aside" in line)
 
 
 # 3. Resuming from an older checkpoint starts a new line ----------------------------------------------
@@ -166,10 +163,8 @@ def test_planted_pickles_in_a_checkpoint_never_run(tiny_model_dir, csv48, tmp_pa
             pickle.dump(Planted(marker), handle)
         torch.save({"x": Planted(marker)}, checkpoint / f"torch_{name}")
     capsys.readouterr()
-    # In the run's own dir the planted files are foreign: refused with one line before anything loads.
-    assert train_loop.main(args + ["--resume_from_checkpoint", str(checkpoint)]) == 2
-    assert "did not write" in one_error_line(capsys.readouterr().err)
-    # Resumed into a new output dir, the checkpoint's own files load and the planted ones are ignored.
+    # Resumed in its own dir and into a new one, the checkpoint's own files load and the planted ones are ignored.
+    assert train_loop.main(args + ["--resume_from_checkpoint", str(checkpoint)]) == 0
     fresh = tmp_path / "fresh"
     assert train_loop.main(tiny_args(tiny_model_dir(), csv48, fresh, "--max_steps", "4", *FAST,
                                      "--resume_from_checkpoint", str(checkpoint))) == 0
@@ -227,17 +222,17 @@ def changed_value(name: str, value):
 
 
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(train_loop.TrainConfig)
-                                  if f.name not in train_loop.RESUME_MAY_CHANGE])
+                                  if f.name not in resume.RESUME_MAY_CHANGE])
 def test_resume_refuses_each_setting_outside_the_allow_list(name):
     cfg = train_loop.TrainConfig()
-    saved = train_loop.resume_identity(cfg)
+    saved = resume.resume_identity(cfg)
     changed = train_loop.TrainConfig(**{**vars(cfg), name: changed_value(name, getattr(cfg, name))})
     with pytest.raises(train_loop.ConfigError, match=name):
-        train_loop.check_resume_identity(changed, saved, Path("step_00000002"))
+        resume.check_resume_identity(resume.resume_identity(changed), saved, Path("step_00000002"))
 
 
 def test_the_allow_list_is_output_logging_eval_cadence_and_what_a_nan_advises():
-    assert set(train_loop.RESUME_MAY_CHANGE) == {
+    assert set(resume.RESUME_MAY_CHANGE) == {
         "output_dir", "overwrite", "resume_from_checkpoint", "log_every", "eval_every", "checkpoint_every",
         "keep_checkpoints", "report_to", "eval_batch_size", "num_workers", "merge", "learning_rate", "max_grad_norm"}
 
@@ -322,10 +317,10 @@ def test_a_half_written_checkpoint_left_by_a_crash_is_set_aside_not_deleted(tiny
     """The next save of the same step finds '.incomplete_step_*' from a crash: it is moved to
     checkpoints/abandoned/, with whatever it holds, never deleted."""
     out, args = checkpointed_run(tiny_model_dir(), csv48, tmp_path / "run")
-    leftover = out / "checkpoints" / ".incomplete_step_00000002"
+    leftover = out / "checkpoints" / ".incomplete_step_00000004"
     leftover.mkdir()
     (leftover / "notes.txt").write_text("put here by hand")
-    assert train_loop.main(args + ["--overwrite"]) == 0
-    kept = list((out / "checkpoints" / "abandoned").glob("*/.incomplete_step_00000002/notes.txt"))
+    assert train_loop.main(args + ["--resume_from_checkpoint", str(out / "checkpoints" / "step_00000002")]) == 0
+    kept = list((out / "checkpoints" / "abandoned").glob("*/.incomplete_step_00000004/notes.txt"))
     assert [p.read_text() for p in kept] == ["put here by hand"]
-    assert (out / "checkpoints" / "step_00000002" / "trainer_state.json").is_file()
+    assert (out / "checkpoints" / "step_00000004" / "trainer_state.json").is_file()

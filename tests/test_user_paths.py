@@ -13,6 +13,7 @@ from test_train_loop import accelerator, make_lora_model, tiny_loader  # noqa: F
 
 import data
 import lora_setup
+import resume
 import train_loop
 
 LABELS = ["negative", "positive"]
@@ -126,7 +127,7 @@ def test_tokenize_truncates_between_the_special_tokens(side, tiny_model_dir):
 def test_truncation_flag_is_checked_and_part_of_the_run_identity(capsys):
     assert train_loop.main(["--truncation", "middle"]) == 2
     assert "--truncation must be one of head, tail, head+tail" in capsys.readouterr().err
-    assert "truncation" in train_loop.resume_identity(train_loop.TrainConfig())
+    assert "truncation" in resume.resume_identity(train_loop.TrainConfig())
 
 
 # --- class names on every reload path ---------------------------------------------------------

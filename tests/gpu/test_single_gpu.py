@@ -33,7 +33,7 @@ def tiny_job(tiny_model_dir):
 
 def test_gpu_loader_collates_in_workers_into_pinned_memory_with_aligned_widths(tiny_job):
     cfg, tokenizer, tokenized = tiny_job
-    options = train_loop.loader_options(cfg, on_gpu=True)
+    options = data.loader_options(cfg.num_workers, True)
     assert options["num_workers"] == 2 and options["pin_memory"]
     loader = data.build_dataloader(tokenized, tokenizer.pad_token_id, 8, train=True, **options)
     for batch in loader:
@@ -50,7 +50,7 @@ def test_bf16_autocast_keeps_lora_weights_fp32_and_fused_adamw_steps(tiny_job):
     model, _ = train_loop.build_model(cfg, ["0", "1"], tokenizer.pad_token_id)
     optimizer = train_loop.build_optimizer(model, 1e-2, 0.0, fused=True)
     loader = data.build_dataloader(tokenized, tokenizer.pad_token_id, 8, train=True,
-                                   **train_loop.loader_options(cfg, on_gpu=True))
+                                   **data.loader_options(cfg.num_workers, True))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     scheduler = train_loop.build_scheduler(optimizer, "constant", 0, 10)
     lora_layer = next(m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))

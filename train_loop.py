@@ -544,6 +544,7 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True, splits: data.Labelled
     best_metric, weights = label_settings(cfg, splits, accelerator)
 
     model, head_modules = build_model(cfg, splits.label_names, tokenizer.pad_token_id, splits.multi_label)
+    lora_setup.check_max_length(model, cfg.model, cfg.max_length)
     if cfg.fast_dropout:  # on CPU, PyTorch's dropout masks were a third of a training step (performance.py)
         performance.use_fast_dropout(model, accelerator.device)
     trainable, total = lora_setup.count_parameters(model)
@@ -554,7 +555,11 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True, splits: data.Labelled
     if claim_output_dir:
         accelerator.wait_for_everyone()  # every process has checked the dir before anyone writes to it
         if accelerator.is_main_process:
-            output.claim(overwrite=cfg.overwrite)
+            try:
+                output.claim(overwrite=cfg.overwrite)
+            except OSError as err:  # e.g. under /proc, which os.access calls writable for root
+                raise run_dir.OutputDirError(f"--output_dir '{output.path}' cannot be written ({err.strerror}); "
+                                             "pass a folder you can write to") from None
             output.write_text("run_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))  # this run's settings
         accelerator.wait_for_everyone()
 

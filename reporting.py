@@ -16,9 +16,12 @@ MULTI_LABEL_SUMMARY = ("f1_micro", "f1_macro", "f1_samples", "subset_accuracy", 
 def format_comparison(before: dict, after: dict, label_names: list[str], multi_label: bool = False) -> str:
     """A plain-text before/after table of the summary metrics and both confusion matrices (multi-label:
     the per-label F1 instead of confusion matrices)."""
-    lines = [f"{'metric':<18} {'before':>9} {'after':>9} {'change':>9}"]
-    for name in MULTI_LABEL_SUMMARY if multi_label else SUMMARY_METRICS:
-        lines.append(f"{name:<18} {before[name]:>9.4f} {after[name]:>9.4f} {after[name] - before[name]:>+9.4f}")
+    shown = {name: f1_name(label_names) if name == "f1" else name
+             for name in (MULTI_LABEL_SUMMARY if multi_label else SUMMARY_METRICS)}
+    width = max(18, *map(len, shown.values()))
+    lines = [f"{'metric':<{width}} {'before':>9} {'after':>9} {'change':>9}"]
+    for name, title in shown.items():
+        lines.append(f"{title:<{width}} {before[name]:>9.4f} {after[name]:>9.4f} {after[name] - before[name]:>+9.4f}")
     if multi_label:
         lines.append(f"{'label':<18} {'f1 before':>9} {'f1 after':>9} {'threshold':>9}")
         for name in label_names:
@@ -32,6 +35,11 @@ def format_comparison(before: dict, after: dict, label_names: list[str], multi_l
         for name, row in zip(label_names, metrics["confusion_matrix"]):
             lines.append(f"{name:>{width}}" + "".join(f"{v:>{width}}" for v in row))
     return "\n".join(lines)
+
+
+def f1_name(label_names: list[str]) -> str:
+    """The headline f1 named for what it is (compute_metrics): the positive class's with two classes, else macro."""
+    return f"f1 (class {label_names[1]!r})" if len(label_names) == 2 else "f1 (macro)"
 
 
 REPORT_FILE = "report.md"

@@ -836,7 +836,8 @@ def train(cfg: TrainConfig) -> dict:
     if run.multi_label:
         log(f"baseline (before training): f1_micro {baseline['f1_micro']:.4f}, f1_macro {baseline['f1_macro']:.4f}")
     else:
-        log(f"baseline (before training): accuracy {baseline['accuracy']:.4f}, f1 {baseline['f1']:.4f}")
+        log(f"baseline (before training): accuracy {baseline['accuracy']:.4f}, "
+            f"{reporting.f1_name(run.label_names)} {baseline['f1']:.4f}")
     state = start_or_resume(run)
     state.adjustable = adjustable_settings(cfg)
     keeper = checkpointing.BestAdapter(run.best_dir, run.metric_for_best, greater_is_better(cfg, run.metric_for_best),

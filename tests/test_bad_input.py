@@ -388,6 +388,8 @@ EVAL_ERRORS = [
     ("text-column-is-label-column", ev("--dataset", "x.csv", "--text_column", "label"),
      r"--text_column and --label_column both name column 'label'"),
     ("eval-dataset-latin1", lambda t, run: ev("--dataset", put(t, "e.csv", LATIN1))(t, run), r"is not UTF-8"),
+    ("max-length-beyond-positions", ev("--max_length", "65", "--predict", " ".join(["good film"] * 40)),
+     r"--max_length 65 is more than model '.*' can read: its position embeddings cover 64 tokens"),
     ("eval-dataset-other-labels", lambda t, run: ev("--dataset", put(t, "e.csv", csv_text(NAMED)))(t, run),
      r"dataset labels \['neg', 'pos'\] differ from the model's \['0', '1'\]"),
 ]

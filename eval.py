@@ -441,6 +441,7 @@ def main(argv=None) -> int:
 
         accelerator = Accelerator()
         model, tokenizer = lora_setup.load_adapter(args.adapter_dir, accelerator.device)
+        lora_setup.check_max_length(model, args.adapter_dir, max_length)
         label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
         multi_label = is_multi_label(model)
         thresholds = load_thresholds(args.adapter_dir, label_names) if multi_label else None

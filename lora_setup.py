@@ -279,6 +279,26 @@ def load_base_model(name: str, label_names: list[str], pad_token_id: int, dtype=
     return model, new_modules
 
 
+def position_limit(model) -> int | None:
+    """How many tokens the model's learned position embeddings cover; None for rotary positions (no table).
+    RoBERTa-style embeddings number positions from ``padding_idx + 1``: 514 positions read 512 tokens."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None or any(key.startswith("rope") for key in config.to_dict()):
+        return None
+    offsets = [m.padding_idx + 1 for m in model.modules()
+               if hasattr(m, "position_embeddings") and getattr(m, "padding_idx", None) is not None]
+    return limit - max(offsets, default=0)
+
+
+def check_max_length(model, name: str, max_length: int) -> None:
+    """Refuse a --max_length beyond the model's positions: the forward pass would fail on the first long text."""
+    limit = position_limit(model)
+    if limit is not None and max_length > limit:
+        raise ModelSetupError(f"--max_length {max_length} is more than model '{name}' can read: its position "
+                              f"embeddings cover {limit} tokens; pass --max_length {limit} or less")
+
+
 def new_module_names(model, missing_keys) -> list[str]:
     """The outermost modules whose parameters are *all* missing from the checkpoint: the new head.
 

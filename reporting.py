@@ -15,24 +15,22 @@ from metric_names import (CURVE_METRICS, MULTI_LABEL_METRICS, MULTI_LABEL_SUMMAR
 NOT_FOR_REUSE = ("overwrite", "resume_from_checkpoint")
 
 
-def f1_label(label_names: list[str]) -> str:
-    """Which F1 ``compute_metrics`` reports: the positive class's with two classes, else the macro average."""
-    return f"f1 (class '{label_names[1]}')" if len(label_names) == 2 else "f1 (macro)"
-
-
 def headline(metrics: dict, label_names: list[str], multi_label: bool = False) -> str:
     """One line of the main scores, for the console."""
     if multi_label:
         return f"f1_micro {metrics['f1_micro']:.4f}, f1_macro {metrics['f1_macro']:.4f}"
-    return f"accuracy {metrics['accuracy']:.4f}, {f1_label(label_names)} {metrics['f1']:.4f}"
+    return f"accuracy {metrics['accuracy']:.4f}, {f1_name(label_names)} {metrics['f1']:.4f}"
 
 
 def format_comparison(before: dict, after: dict, label_names: list[str], multi_label: bool = False) -> str:
     """A plain-text before/after table of the summary metrics and both confusion matrices (multi-label:
     the per-label F1 instead of confusion matrices)."""
-    lines = [f"{'metric':<18} {'before':>9} {'after':>9} {'change':>9}"]
-    for name in MULTI_LABEL_SUMMARY if multi_label else SUMMARY_METRICS:
-        lines.append(f"{name:<18} {before[name]:>9.4f} {after[name]:>9.4f} {after[name] - before[name]:>+9.4f}")
+    shown = {name: f1_name(label_names) if name == "f1" else name
+             for name in (MULTI_LABEL_SUMMARY if multi_label else SUMMARY_METRICS)}
+    width = max(18, *map(len, shown.values()))
+    lines = [f"{'metric':<{width}} {'before':>9} {'after':>9} {'change':>9}"]
+    for name, title in shown.items():
+        lines.append(f"{title:<{width}} {before[name]:>9.4f} {after[name]:>9.4f} {after[name] - before[name]:>+9.4f}")
     if multi_label:
         lines.append(f"{'label':<18} {'f1 before':>9} {'f1 after':>9} {'threshold':>9}")
         for name in label_names:
@@ -46,6 +44,11 @@ def format_comparison(before: dict, after: dict, label_names: list[str], multi_l
         for name, row in zip(label_names, metrics["confusion_matrix"]):
             lines.append(f"{name:>{width}}" + "".join(f"{v:>{width}}" for v in row))
     return "\n".join(lines)
+
+
+def f1_name(label_names: list[str]) -> str:
+    """The headline f1 named for what it is (compute_metrics): the positive class's with two classes, else macro."""
+    return f"f1 (class {label_names[1]!r})" if len(label_names) == 2 else "f1 (macro)"
 
 
 REPORT_FILE = "report.md"
@@ -244,8 +247,7 @@ def plot_curves(results: dict):
         loss_ax.text(0.5, 0.03, f"{len(train)} training log(s): lower --log_every for a curve",
                      transform=loss_ax.transAxes, ha="center", va="bottom", color="tab:gray")
 
-    f1_label = "f1 (positive class)" if len(results["label_names"]) == 2 else "f1 (macro)"
-    lines = [(key, f1_label if key == "f1" else key.replace("_", " "))
+    lines = [(key, f1_name(results["label_names"]) if key == "f1" else key.replace("_", " "))
              for key in CURVE_METRICS[bool(results.get("multi_label"))]]
     # Distinct markers and dashes: on balanced data accuracy and balanced accuracy coincide exactly.
     for (key, label), style in zip(lines, ("o-", "s--", "^:")):

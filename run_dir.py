@@ -148,6 +148,8 @@ class RunDir:
                 (self.path / RUN_MARKER).write_text(json.dumps(record, indent=2))
             except OutputDirError as err:
                 refusal = str(err)
+            except OSError as err:  # e.g. under /proc, which os.access calls writable for root
+                refusal = f"--output_dir '{self.path}' cannot be written ({err.strerror}); pass a folder you can write to"
         refusal = broadcast_object_list([refusal])[0]
         if refusal:
             raise OutputDirError(refusal)

@@ -123,6 +123,9 @@ def label_settings(cfg: TrainConfig, splits: data.LabelledSplits, accelerator: A
     if cfg.tune_thresholds and not splits.multi_label:
         raise ConfigError("--tune_thresholds applies to multi-label data (lists of tags, or --label_separator); "
                           "drop it for single-label data")
+    if cfg.num_labels is not None and cfg.num_labels != splits.num_labels:  # class names set their own number
+        raise ConfigError(f"--num_labels is {cfg.num_labels} but the data names {splits.num_labels} classes "
+                          f"{splits.label_names}; drop --num_labels")
     best_metric = metric_for_best(cfg, splits.multi_label)
     if splits.multi_label:
         accelerator.print(f"multi-label: {splits.num_labels} tags, sigmoid + binary cross-entropy; best adapter "
@@ -162,6 +165,7 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True, splits: data.Labelled
     best_metric, weights = label_settings(cfg, splits, accelerator)
 
     model, head_modules = build_model(cfg, splits.label_names, tokenizer.pad_token_id, splits.multi_label)
+    lora_setup.check_max_length(model, cfg.model, cfg.max_length)
     if cfg.fast_dropout:  # on CPU, PyTorch's dropout masks were a third of a training step (performance.py)
         performance.use_fast_dropout(model, accelerator.device)
     trainable, total = lora_setup.count_parameters(model)

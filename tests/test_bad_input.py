@@ -8,20 +8,23 @@ Odd-but-good input (a byte-order mark, CRLF, quoted newlines, emoji, a JSON arra
 reordered columns, an extra eval column, ...) must train and read every row.
 """
 
+import contextlib
 import csv
 import io
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import sentiment_rows, tiny_args
+from conftest import sentiment_rows, tiny_args, tiny_config
 
 import data
 import eval as evaluation
+import lora_setup
 import train_loop
 
 REPO = Path(__file__).resolve().parent.parent
@@ -186,6 +189,25 @@ TRAIN_ERRORS += [
     ("unknown-embedded-dataset", flags("--dataset", "embedded:sst2"), r"embedded:rotten_tomatoes, embedded:imdb"),
     ("hub-dataset-offline", flags("--dataset", "no-such-user/no-such-data"), r"could not load dataset 'no-such-user"),
     ("model-missing", flags("--model", "/nonexistent/model"), r"could not load model '/nonexistent/model'"),
+    ("csv-duplicate-column", dataset("r.csv", csv_text([(t, y, 1 - y) for t, y in ROWS], header=("text", "label", "label"))),
+     r"train file '.*r\.csv' has 2 columns named 'label'; rename or remove all but one"),
+    ("eval-csv-duplicate-column", with_eval("e.csv", csv_text([(t, y, t) for t, y in ROWS], header=("text", "label", "text"))),
+     r"eval file '.*e\.csv' has 2 columns named 'text'"),
+    ("jsonl-malformed-line", dataset("r.jsonl", jsonl(ROWS[:10]) + '{"text": "cut off", "label": \n' + jsonl(ROWS[10:])),
+     r"could not parse train file '.*r\.jsonl' as jsonl: line 11 is not valid JSON \(Expecting value, column 30\)"),
+    ("json-document-malformed", dataset("r.json", '[\n  {"text": "a", "label": 0},\n  {"text": "b" "label": 1}\n]'),
+     r"as json: line 3 is not valid JSON \(Expecting ',' delimiter"),
+    ("eval-rows-all-in-train", with_eval("e.csv", csv_text(ROWS[:10])),
+     r"every eval row's text also appears in the train data.*dropped from eval.*eval data with other texts, or "
+     r"drop --eval_file"),
+    ("max-length-beyond-positions", lambda t: (put(t, "r.csv", csv_text([(" ".join([x] * 12), y) for x, y in ROWS])),
+                                               ["--max_length", "65"]),
+     r"--max_length 65 is more than model '.*' can read: its position embeddings cover 64 tokens; pass "
+     r"--max_length 64 or less"),
+    ("num-labels-with-class-names", lambda t: (put(t, "r.csv", csv_text(NAMED)), ["--num_labels", "3"]),
+     r"--num_labels is 3 but the data names 2 classes \['neg', 'pos'\]; drop --num_labels"),
+    ("output-dir-under-proc", flags("--output_dir", "/proc/run"),
+     r"--output_dir '/proc/run' cannot be written.*pass a folder you can write to"),
 ]
 
 
@@ -195,6 +217,49 @@ def test_train_loop_refuses_bad_input(build, pattern, tiny_model_dir, tmp_path, 
     args = tiny_args(tiny_model_dir("bert"), dataset_path, tmp_path / "run", "--eval_size", "20", "--max_steps", "2") + extra
     assert_refused(lambda: train_loop.main(args), pattern, capsys, tmp_path)
     assert not (tmp_path / "run").exists()
+
+
+@contextlib.contextmanager
+def memory_cap(extra_bytes: int):
+    """Raise MemoryError instead of filling the machine when the code under test allocates more than
+    ``extra_bytes`` beyond what the process holds now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    in_use = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (in_use + extra_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the process size from /proc (Linux)")
+def test_a_huge_class_id_is_refused_without_listing_every_id(tiny_model_dir, tmp_path, capsys):
+    """An id column such as 0 / 1099511627776 (a user id taken for the label): the refusal names the missing
+    ids without building all 2**40 of them (which filled the memory of the machine)."""
+    path = put(tmp_path, "r.csv", csv_text([(t, [0, 2**40][y]) for t, y in ROWS]))
+    args = tiny_args(tiny_model_dir("bert"), path, tmp_path / "run", "--eval_size", "20", "--max_steps", "2")
+    with memory_cap(2 << 30):
+        assert_refused(lambda: train_loop.main(args), r"class id\(s\) \[1, 2, 3, 4, 5\] never occur in the train "
+                       r"split \(ids found: \[0, 1099511627776\]\)", capsys, tmp_path)
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_true_false_labels_are_class_names(suffix, tmp_path):
+    rows = [(text, bool(label)) for text, label in ROWS]  # CSV: True/False; JSONL: true/false
+    splits, texts = read_all(put(tmp_path, f"r.{suffix}", csv_text(rows) if suffix == "csv" else jsonl(rows)))
+    assert splits.label_names == ["False", "True"] and len(texts) == 60
+    by_text = dict(rows)
+    assert all(splits.label_names[y] == str(by_text[x]) for x, y in zip(splits.train["text"], splits.train["label"]))
+
+
+@pytest.mark.parametrize("family, limit", [("bert", 64), ("roberta", 69), ("distilbert", 64), ("gpt2", 64),
+                                           ("llama", None)])
+def test_position_limit_of_each_family(family, limit):
+    """RoBERTa numbers positions from padding_idx + 1 (70 embeddings read 69 tokens); Llama's rotary
+    positions have no table to run past."""
+    from transformers import AutoModel
+
+    assert lora_setup.position_limit(AutoModel.from_config(tiny_config(family))) == limit
 
 
 # --- odd but good: trains, and every row is read --------------------------------------------------
@@ -237,6 +302,7 @@ SPLITS_GOOD = [
     ("tab-delimited-csv", lambda t: put(t, "r.csv", csv_text(ROWS, delimiter="\t")), {}),
     ("pipe-delimited-csv", lambda t: put(t, "r.csv", csv_text(ROWS, delimiter="|")), {}),
     ("tsv", lambda t: put(t, "r.tsv", csv_text(ROWS, delimiter="\t")), {}),
+    ("comma-separated-tsv", lambda t: put(t, "r.tsv", csv_text(ROWS)), {}),
     ("bom-jsonl", lambda t: put(t, "r.jsonl", "\ufeff" + jsonl(ROWS)), {}),
     ("integer-strings-are-ids", lambda t: put(t, "r.jsonl", jsonl([(x, str(y)) for x, y in ROWS])), {}),
     ("float-integer-labels", lambda t: put(t, "r.csv", csv_text([(x, float(y)) for x, y in ROWS])), {}),
@@ -325,6 +391,8 @@ EVAL_ERRORS = [
     ("text-column-is-label-column", ev("--dataset", "x.csv", "--text_column", "label"),
      r"--text_column and --label_column both name column 'label'"),
     ("eval-dataset-latin1", lambda t, run: ev("--dataset", put(t, "e.csv", LATIN1))(t, run), r"is not UTF-8"),
+    ("max-length-beyond-positions", ev("--max_length", "65", "--predict", " ".join(["good film"] * 40)),
+     r"--max_length 65 is more than model '.*' can read: its position embeddings cover 64 tokens"),
     ("eval-dataset-other-labels", lambda t, run: ev("--dataset", put(t, "e.csv", csv_text(NAMED)))(t, run),
      r"dataset labels \['neg', 'pos'\] differ from the model's \['0', '1'\]"),
 ]

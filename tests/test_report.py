@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import struct
 import sys
 
@@ -151,3 +152,27 @@ def test_three_class_csv_end_to_end(tiny_model_dir, tmp_path):
         assert metrics["f1"] == metrics["f1_macro"]
     text = reporting.write_report(out, results).read_text()
     assert "| **neutral** |" in text and str(results["config"]["max_steps"]) in text
+
+
+@pytest.mark.parametrize("label_names, true, shown", [
+    (["negative", "positive"], [0, 0, 1, 1], "f1 (class 'positive')"),
+    (NAMES, TRUE, "f1 (macro)"),
+])
+def test_console_table_says_which_f1(label_names, true, shown):
+    """With two classes f1 is the positive class's, with more the macro average: the table says which."""
+    results = fake_results(label_names, true, [0] * len(true), true)
+    table = reporting.format_comparison(results["baseline"], results["final"], label_names)
+    rows = [line for line in table.splitlines() if line.startswith("f1")]
+    assert len(rows) == 1 and rows[0].startswith(shown + " ") and rows[0].split()[-3:] == [
+        f"{results['baseline']['f1']:.4f}", f"{results['final']['f1']:.4f}",
+        f"{results['final']['f1'] - results['baseline']['f1']:+.4f}"]
+    summary = table.splitlines()[:1 + len(reporting.SUMMARY_METRICS)]
+    assert len({len(line) for line in summary}) == 1  # the wider name keeps the columns in line
+
+
+def test_baseline_line_says_which_f1(tiny_model_dir, tmp_path, capsys):
+    path = write_csv(tmp_path / "r.csv", [(t, ["bad", "good"][y]) for t, y in sentiment_rows(60)])
+    assert train_loop.main(tiny_args(tiny_model_dir("bert"), str(path), tmp_path / "run", "--eval_size", "20",
+                                     "--max_steps", "1")) == 0
+    assert re.search(r"baseline \(before training\): accuracy [\d.]+, f1 \(class 'good'\) [\d.]+",
+                     capsys.readouterr().out)

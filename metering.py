@@ -74,3 +74,16 @@ class ThroughputMeter:
         interval = {"seconds": seconds, "samples": samples, "tokens": tokens}
         self.reset()
         return record, interval
+
+
+def log_progress(run, state, meter: ThroughputMeter, progress) -> None:
+    """A log line: loss, learning rate and throughput since the last one, to the trackers, the progress
+    bar and the run's history; the time, samples and tokens are added to the state's totals."""
+    record, interval = meter.record(run.scheduler.get_last_lr()[0])
+    state.train_seconds += interval["seconds"]
+    state.samples_seen += interval["samples"]
+    state.tokens_seen += interval["tokens"]
+    run.accelerator.log(record, step=state.global_step)
+    progress.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/lr']:.2e}",
+                         samples_s=f"{record['train/samples_per_s']:.1f}")
+    state.history.append({"step": state.global_step, "epoch": state.epoch, **record})

@@ -5,6 +5,7 @@ and PNG plots of the training curves and confusion matrices -- all built from th
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from metric_names import (CURVE_METRICS, MULTI_LABEL_METRICS, MULTI_LABEL_SUMMARY, REPORT_METRICS,
@@ -20,6 +21,25 @@ def headline(metrics: dict, label_names: list[str], multi_label: bool = False) -
     if multi_label:
         return f"f1_micro {metrics['f1_micro']:.4f}, f1_macro {metrics['f1_macro']:.4f}"
     return f"accuracy {metrics['accuracy']:.4f}, {f1_name(label_names)} {metrics['f1']:.4f}"
+
+
+def results_record(run, state, baseline: dict, final: dict) -> dict:
+    """Everything a finished run reports (``train_loop.finish`` saves it as metrics.json; the report,
+    the plots and ``eval.py`` read it back): scores before and after, the history, the best adapter's
+    step, sizes, throughput and the settings."""
+    return {
+        "baseline": baseline, "final": final, "label_names": run.label_names, "history": state.history,
+        "multi_label": run.multi_label, "metric_for_best": run.metric_for_best,
+        "best_step": state.best_step,
+        "best_epoch": None if state.best_step is None else round(state.best_step / run.steps_per_epoch, 2),
+        "trainable_parameters": run.trainable_parameters, "total_parameters": run.total_parameters,
+        "trainable_share": run.trainable_parameters / run.total_parameters,
+        "optimizer_steps": state.global_step, "train_seconds": state.train_seconds,
+        "train_samples_per_s": state.samples_seen / max(state.train_seconds, 1e-9),
+        "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
+        "num_processes": run.accelerator.num_processes, "mixed_precision": run.accelerator.mixed_precision,
+        "config": dataclasses.asdict(run.cfg), "inputs": run.identity["inputs"],
+    }
 
 
 def format_comparison(before: dict, after: dict, label_names: list[str], multi_label: bool = False) -> str:

@@ -67,16 +67,19 @@ class RunDir:
 
     # -- the start-up check (read-only) ------------------------------------------------------------
 
-    def check(self, *, overwrite: bool, resuming: bool, inputs: list[str] = (), describe_run=None) -> None:
+    def check(self, *, overwrite: bool, resuming: bool, inputs: list[str] = (), input_folders: list[str] = (),
+              describe_run=None) -> None:
         """Refuse an output dir that cannot be used as asked (raises OutputDirError); writes nothing.
+        ``inputs`` must not lie inside it; ``input_folders`` (the model) must not hold it either.
         ``describe_run(path)`` may say how the run already there differs from this one."""
-        self._checked = dict(overwrite=overwrite, resuming=resuming, inputs=inputs, describe_run=describe_run)
+        self._checked = dict(overwrite=overwrite, resuming=resuming, inputs=inputs, input_folders=input_folders,
+                             describe_run=describe_run)
         where = f"--output_dir '{self.path}'"
         if self.path.exists() and not self.path.is_dir():
             raise OutputDirError(f"{where} is a file, not a folder; pass a folder name")
-        for name in inputs:
+        for name in [*inputs, *input_folders]:
             path = _resolved(name)
-            if path is not None and (_inside(path, self.path) or (path.is_dir() and _inside(self.path, path))):
+            if path is not None and (_inside(path, self.path) or (name in input_folders and _inside(self.path, path))):
                 raise OutputDirError(f"{where} and the input '{name}' overlap (one lies inside the other), so the "
                                      "run could write over what it reads; put the output dir elsewhere")
         if overwrite and resuming:

@@ -308,3 +308,16 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     cfg = TrainConfig(**args)
     validate_config(cfg)
     return cfg
+
+
+def check_against_data(cfg: TrainConfig, splits: data.LabelledSplits) -> None:
+    """Settings that fit one kind of labels only (one per text, or several), or that the data contradicts."""
+    if splits.multi_label and cfg.class_weights != "none":
+        raise ConfigError("--class_weights applies to single-label data; this data has several labels per text: "
+                          "drop --class_weights")
+    if cfg.tune_thresholds and not splits.multi_label:
+        raise ConfigError("--tune_thresholds applies to multi-label data (lists of tags, or --label_separator); "
+                          "drop it for single-label data")
+    if cfg.num_labels is not None and cfg.num_labels != splits.num_labels:  # class names set their own number
+        raise ConfigError(f"--num_labels is {cfg.num_labels} but the data names {splits.num_labels} classes "
+                          f"{splits.label_names}; drop --num_labels")

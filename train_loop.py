@@ -4,15 +4,14 @@
     python train_loop.py --help                      # every setting, in groups, with its default
     accelerate launch train_loop.py --config configs/imdb.yaml --num_epochs 1
 
-This file is the training program, in the order it runs: ``setup`` (accelerator, data, model + LoRA,
-optimizer, schedule), the steps (``train_step``: one optimizer step over an accumulation window), the
-loop (``fit``), and ``train``/``finish`` (baseline, loop, best adapter, results). Each feature lives
-in a module of its own; here it is one call:
+This file is the training program, in the order it runs: ``setup``, the steps (``train_step``: one
+optimizer step over an accumulation window), the loop (``fit``), and ``train``/``finish`` (baseline,
+loop, best adapter, results). Each feature lives in a module of its own; here it is one call:
 
   feature                                                   where
   settings in groups, config files, their checks            settings.py
-  data: load, dedupe, split, tokenize, length-grouped       data.py (GlobalBatchSampler: one global batch
-  global batches, dynamic padding                                    split over the processes, filler rows)
+  data: load, dedupe, split, tokenize, dynamic padding      data.py
+  length-grouped global batches split over the processes    data.py (GlobalBatchSampler, filler rows)
   model, new head, LoRA/DoRA/QLoRA, reload with plain PEFT  lora_setup.py
   gradient accumulation with exact loss normalisation       train_step (below)
   mixed precision, clipping, AdamW, warmup schedules        train_step, build_optimizer, build_scheduler
@@ -51,8 +50,9 @@ import lora_setup
 import metering
 import performance
 import reporting
-import run_dir
 import resume
+import run_dir
+import settings
 from backends import build_accelerator
 from best_adapter import BestAdapter, greater_is_better, metric_for_best
 from checkpointing import CheckpointError, TrainState
@@ -75,8 +75,6 @@ def load_data(cfg: TrainConfig) -> data.LabelledSplits:
 
 build_model = lora_setup.build_model  # pretrained model + new head + LoRA, as the settings ask
 quiet_libraries = data.quiet_libraries  # shared with eval.py: no library noise on any entry point
-
-
 CHECKPOINTS = "checkpoints"  # the output dir's folder of checkpoints (setup looks there before Run exists)
 
 
@@ -105,36 +103,8 @@ class Run:
     metric_for_best: str = "accuracy"  # --metric_for_best as it applies to this data (see metric_for_best())
     checkpoints_written: list = dataclasses.field(default_factory=list)  # (folder, files) this process wrote
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.output.path / CHECKPOINTS
-
-    @property
-    def best_dir(self) -> Path:
-        return self.output.path / "best_adapter"
-
-
-def label_settings(cfg: TrainConfig, splits: data.LabelledSplits, accelerator: Accelerator) -> tuple[str, list | None]:
-    """What the kind of labels decides (one per text, or several): the metric that picks the best adapter
-    and the class weights; settings that do not fit the data's kind are refused."""
-    if splits.multi_label and cfg.class_weights != "none":
-        raise ConfigError("--class_weights applies to single-label data; this data has several labels per text: "
-                          "drop --class_weights")
-    if cfg.tune_thresholds and not splits.multi_label:
-        raise ConfigError("--tune_thresholds applies to multi-label data (lists of tags, or --label_separator); "
-                          "drop it for single-label data")
-    if cfg.num_labels is not None and cfg.num_labels != splits.num_labels:  # class names set their own number
-        raise ConfigError(f"--num_labels is {cfg.num_labels} but the data names {splits.num_labels} classes "
-                          f"{splits.label_names}; drop --num_labels")
-    best_metric = metric_for_best(cfg, splits.multi_label)
-    if splits.multi_label:
-        accelerator.print(f"multi-label: {splits.num_labels} tags, sigmoid + binary cross-entropy; best adapter "
-                          f"by {best_metric}")
-    weights = data.class_weights(cfg.class_weights, splits.train["label"], splits.num_labels)
-    if weights is not None:
-        accelerator.print("class weights in the loss: " + ", ".join(
-            f"{name} {w:.3f}" for name, w in zip(splits.label_names, weights)))
-    return best_metric, weights
+    checkpoint_dir = property(lambda self: self.output.path / CHECKPOINTS)
+    best_dir = property(lambda self: self.output.path / "best_adapter")
 
 
 def setup(cfg: TrainConfig, claim_output_dir: bool = True, splits: data.LabelledSplits | None = None) -> Run:
@@ -147,7 +117,7 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True, splits: data.Labelled
     output = run_dir.RunDir(cfg.output_dir)
     if claim_output_dir:  # every process checks, so all of them stop together on a refusal
         output.check(overwrite=cfg.overwrite, resuming=bool(cfg.resume_from_checkpoint),
-                     inputs=[cfg.dataset, cfg.eval_file, cfg.model],
+                     inputs=[cfg.dataset, cfg.eval_file], input_folders=[cfg.model],
                      describe_run=lambda path: resume.describe_previous_run(cfg, path))
     on_gpu = accelerator.device.type == "cuda"
 
@@ -162,7 +132,15 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True, splits: data.Labelled
     eval_loader = data.build_dataloader(
         data.tokenize(splits.eval, tokenizer, cfg.max_length, cfg.truncation), tokenizer.pad_token_id,
         cfg.eval_batch_size, train=False, **options)
-    best_metric, weights = label_settings(cfg, splits, accelerator)
+    settings.check_against_data(cfg, splits)  # settings that fit one kind of labels only
+    best_metric = metric_for_best(cfg, splits.multi_label)
+    weights = data.class_weights(cfg.class_weights, splits.train["label"], splits.num_labels)
+    if splits.multi_label:
+        accelerator.print(f"multi-label: {splits.num_labels} tags, sigmoid + binary cross-entropy; best adapter by "
+                          f"{best_metric}")
+    if weights is not None:
+        accelerator.print("class weights in the loss: " + ", ".join(
+            f"{name} {w:.3f}" for name, w in zip(splits.label_names, weights)))
 
     model, head_modules = build_model(cfg, splits.label_names, tokenizer.pad_token_id, splits.multi_label)
     lora_setup.check_max_length(model, cfg.model, cfg.max_length)
@@ -255,6 +233,10 @@ def accumulation_windows(batches, size: int):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped before the optimizer applied it."""
+
+    ADVICE = ("nothing from this step was applied or saved. Resume from the last checkpoint with a lower "
+              "--learning_rate (--resume_from_checkpoint latest --learning_rate ...), keep --max_grad_norm on, "
+              "or try --mixed_precision no")
 
 
 def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max_grad_norm: float,
@@ -352,17 +334,6 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
         checkpointing.prune(run.checkpoints_written, run.cfg.keep_checkpoints)
 
 
-def log_progress(run: Run, state: TrainState, meter: metering.ThroughputMeter, progress) -> None:
-    record, interval = meter.record(run.scheduler.get_last_lr()[0])
-    state.train_seconds += interval["seconds"]
-    state.samples_seen += interval["samples"]
-    state.tokens_seen += interval["tokens"]
-    run.accelerator.log(record, step=state.global_step)
-    progress.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/lr']:.2e}",
-                         samples_s=f"{record['train/samples_per_s']:.1f}")
-    state.history.append({"step": state.global_step, "epoch": state.epoch, **record})
-
-
 def fit(run: Run, state: TrainState, keeper: BestAdapter) -> None:
     """The training loop: epochs of accumulation windows, one optimizer step per window."""
     cfg, accelerator = run.cfg, run.accelerator
@@ -379,18 +350,15 @@ def fit(run: Run, state: TrainState, keeper: BestAdapter) -> None:
                 stats = train_step(run.model, run.optimizer, run.scheduler, window, accelerator, cfg.max_grad_norm,
                                    run.class_weights)
             except NonFiniteLossError as err:
-                raise NonFiniteLossError(
-                    f"{err} at optimizer step {state.global_step + 1} (epoch {state.epoch + 1}); nothing from this step "
-                    "was applied or saved. Resume from the last checkpoint with a lower --learning_rate "
-                    "(--resume_from_checkpoint latest --learning_rate ...), keep --max_grad_norm on, or try "
-                    "--mixed_precision no") from None
+                raise NonFiniteLossError(f"{err} at optimizer step {state.global_step + 1} (epoch {state.epoch + 1}); "
+                                         f"{NonFiniteLossError.ADVICE}") from None
             state.global_step += 1
             state.batches_in_epoch += len(window)
             epoch_done = state.batches_in_epoch >= len(run.train_loader)  # its checkpoint comes below
             meter.add(stats)
             progress.update(1)
             if state.global_step % cfg.log_every == 0 or state.global_step == run.total_steps:
-                log_progress(run, state, meter, progress)
+                metering.log_progress(run, state, meter, progress)
             with meter.paused():  # evaluation and checkpoints are not training time
                 if cfg.eval_every and state.global_step % cfg.eval_every == 0:
                     evaluate_and_keep(run, state, keeper)
@@ -405,7 +373,7 @@ def fit(run: Run, state: TrainState, keeper: BestAdapter) -> None:
                     evaluate_and_keep(run, state, keeper)
                 save_checkpoint(run, state)
     if meter.steps:  # steps since the last log line (early stopping)
-        log_progress(run, state, meter, progress)
+        metering.log_progress(run, state, meter, progress)
     progress.close()
 
 
@@ -443,19 +411,7 @@ def finish(run: Run, state: TrainState, baseline: dict, final: dict) -> dict:
     """Save the adapter, metrics.json, report and plots (and the merged model if asked). An interruption
     here loses nothing: the last checkpoint holds the trained state, and resuming from it ends here again."""
     cfg, accelerator, output = run.cfg, run.accelerator, run.output
-    results = {
-        "baseline": baseline, "final": final, "label_names": run.label_names, "history": state.history,
-        "multi_label": run.multi_label, "metric_for_best": run.metric_for_best,
-        "best_step": state.best_step,
-        "best_epoch": None if state.best_step is None else round(state.best_step / run.steps_per_epoch, 2),
-        "trainable_parameters": run.trainable_parameters, "total_parameters": run.total_parameters,
-        "trainable_share": run.trainable_parameters / run.total_parameters,
-        "optimizer_steps": state.global_step, "train_seconds": state.train_seconds,
-        "train_samples_per_s": state.samples_seen / max(state.train_seconds, 1e-9),
-        "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
-        "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-        "config": dataclasses.asdict(cfg), "inputs": run.identity["inputs"],
-    }
+    results = reporting.results_record(run, state, baseline, final)  # what metrics.json holds
     checkpointing.save_adapter(accelerator, run.model, run.tokenizer, output.path)
     if accelerator.is_main_process:
         if run.multi_label:  # what eval.py and predict apply to the sigmoid scores
@@ -485,12 +441,10 @@ def finish(run: Run, state: TrainState, baseline: dict, final: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     try:
         train(parse_config(argv))
-    except (ConfigError, data.DataError, lora_setup.ModelSetupError, CheckpointError, run_dir.OutputDirError) as err:
+    except (ConfigError, data.DataError, lora_setup.ModelSetupError, CheckpointError, run_dir.OutputDirError,
+            NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(err, NonFiniteLossError) else 2  # 2: refused before training; 1: stopped in it
     return 0
 
 

@@ -268,7 +268,7 @@ def test_output_dir_holding_a_run_is_protected(tiny_model_dir, tiny_csv, tmp_pat
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     assert train_loop.main(tiny_args(tiny_model_dir("bert"), tiny_csv, foreign)) == 2
-    assert "holds no run of ours" in capsys.readouterr().err and (foreign / "notes.txt").exists()
+    assert "holds no run of this tool" in capsys.readouterr().err and (foreign / "notes.txt").exists()
 
 
 def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, tiny_csv, tmp_path):

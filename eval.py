@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import export_onnx
 import lora_setup
 import metric_names
 import reporting
@@ -408,8 +409,6 @@ def export(adapter_dir: str, kind: str, path: str) -> int:
     if kind != "onnx":
         print(f"error: --export supports onnx only (got {kind!r})", file=sys.stderr)
         return 2
-    import export_onnx
-
     print(f"wrote {export_onnx.export_adapter(adapter_dir, path)} (+ config.json and the tokenizer beside it)")
     return 0
 

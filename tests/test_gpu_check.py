@@ -139,9 +139,8 @@ def script_flags(program: str) -> set[str]:
 def test_the_flags_the_check_passes_exist():
     """The GPU steps never run in CI: a renamed flag would otherwise first fail on the GPU machine."""
     import settings
-import train_loop
 
-    train_flags = set(__import__('settings').build_arg_parser()._option_string_actions)
+    train_flags = set(settings.build_arg_parser()._option_string_actions)
     bench_own = {"--arms", "--output", "--threads", "--repeats", "--untimed_warmup_steps"}  # bench_speed.parse_args
     assert script_flags("train_loop.py") and script_flags("train_loop.py") <= train_flags
     assert script_flags("bench_speed.py") and script_flags("bench_speed.py") <= train_flags | bench_own

@@ -29,6 +29,14 @@ def test_cli_trains_saves_and_plain_peft_reproduces_it(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["optimizer_steps"] == 4 and metrics["final"]["num_samples"] == 64
 
+    # The base model is recorded by its Hub id, not by this installation's path; `make setup` links the
+    # embedded files into the Hugging Face cache under that id, so plain PEFT finds it offline.
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    import lora_setup
+
+    lora_setup.register_in_hub_cache()  # what `make setup` runs; a no-op once done
+
     # Reload with nothing but PEFT + transformers, rebuild the same eval split, predict.
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer

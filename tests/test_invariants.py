@@ -437,3 +437,19 @@ def test_pruning_removes_only_what_this_process_wrote(tmp_path):
     assert not (tmp_path / "step_00000002").exists()
     assert sorted(p.name for p in (tmp_path / "step_00000004").rglob("*")) == ["mine.txt"]
     assert (tmp_path / "step_00000006" / "a.safetensors").exists() and resumed_from.is_dir()
+
+
+def test_a_local_file_changed_in_place_with_its_time_stamp_kept_is_read_anew(tmp_path):
+    """The datasets cache knows a local file by path and modification time: the loader must not."""
+    import data
+
+    csv = write_csv(tmp_path / "reviews.csv", sentiment_rows(48))
+    stamp = os.stat(csv)
+    first = data.load_splits(str(csv), eval_size=8)
+    write_csv(csv, [(text, 1 - label) for text, label in sentiment_rows(48)])
+    os.utime(csv, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    second = data.load_splits(str(csv), eval_size=8)
+    assert data.fingerprint(first.train) != data.fingerprint(second.train)
+    flipped = {text: 1 - label for text, label in zip(first.train["text"], first.train["label"])}
+    assert all(flipped[text] == label for text, label in zip(second.train["text"], second.train["label"])
+               if text in flipped)

@@ -474,8 +474,8 @@ def main(argv=None) -> int:
         metrics = evaluate(model, accelerator.prepare(loader), accelerator, label_names, multi_label,
                            thresholds=thresholds)
         if accelerator.is_main_process:
-            for note in [*splits.notes, scope]:
-                print(f"note: {note}")
+            for note in [*splits.notes, scope]:  # stderr: stdout stays one JSON document
+                print(f"note: {note}", file=sys.stderr)
             print(json.dumps(metrics, indent=2))
         return 0
     except (data.DataError, lora_setup.ModelSetupError, OSError) as err:

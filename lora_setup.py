@@ -407,7 +407,8 @@ def save_adapter(model, tokenizer, output_dir: str | Path, state_dict: dict | No
     (``checkpointing.save_adapter``); by default the weights are read from ``model`` itself."""
     config = model.peft_config[model.active_adapter]
     config.base_model_name_or_path = portable_base_name(config.base_model_name_or_path)
-    model.save_pretrained(output_dir, state_dict=state_dict)
+    # The vocabulary is never resized here: no need for PEFT to look the base model up to compare it.
+    model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=False)
     tokenizer.save_pretrained(output_dir)
     # The label names and pad id live in the model config, which the adapter files do not carry.
     model.base_model.model.config.save_pretrained(output_dir)

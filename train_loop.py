@@ -48,6 +48,7 @@ import data
 import eval as evaluation
 import lora_setup
 import metering
+import model_card
 import performance
 import reporting
 import run_dir
@@ -891,6 +892,7 @@ def finish(run: Run, state: TrainState, baseline: dict, final: dict) -> dict:
             (output.path / "metrics.json").write_text(json.dumps(results, indent=2))
             reporting.save_plots(output.path, results)  # first: the report links the PNGs it finds
             reporting.write_report(output.path, results)
+            model_card.write_cards(output.path, results, run.best_dir)  # over PEFT's empty README.md template
             if cfg.merge:
                 # A 4-bit base would round the merged weights to 4 bits: merge on the full-precision base.
                 to_merge = (lora_setup.load_adapter(output.path)[0] if cfg.load_in_4bit

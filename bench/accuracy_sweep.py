@@ -8,7 +8,10 @@ metrics.json); a variant changes settings (any ``TrainConfig`` field) and, for w
 swaps one of train_loop's building blocks for the run:
 
   full       full fine-tuning: every base weight trained (the LoRA layers stay frozen at B = 0, so they
-             compute nothing); the ceiling an adapter can be held against
+             compute nothing); the ceiling an adapter can be held against. Its output dir holds no usable
+             model (the adapter files carry the head only), and when an earlier evaluation was the best,
+             the run's "final" puts that head on the last weights: read the accuracies from the history,
+             as this script does
   head_lr    the new modules (head) at ``head_lr`` x the learning rate, the adapter at the learning rate
 
 ``--seed`` also carves the split (``data.load_splits``), so seeds differ in data as well as in init.
@@ -80,7 +83,7 @@ def run(variant: str, seed: int, output_dir: Path, extra: list[str]) -> dict:
         train_loop.build_optimizer = head_learning_rate(hooks["head_lr"])
     results = train_loop.train(cfg)
     evals = [h for h in results["history"] if "eval/accuracy" in h]
-    return {"variant": variant, "seed": seed, "accuracy_best": results["final"]["accuracy"],
+    return {"variant": variant, "seed": seed, "accuracy_best": max(h["eval/accuracy"] for h in evals),
             "accuracy_last": evals[-1]["eval/accuracy"], "best_step": max(evals, key=lambda h: h["eval/accuracy"])["step"],
             "evals": [(h["step"], h["eval/accuracy"]) for h in evals], "train_seconds": results["train_seconds"],
             "optimizer_steps": results["optimizer_steps"], "trainable_parameters": results["trainable_parameters"],

@@ -82,13 +82,13 @@ def dataset_name(cfg: dict) -> str:
 def eval_split_description(cfg: dict, num_samples: int) -> str:
     """Which rows the scores are on, in words (the model-index ``split`` field and the card body)."""
     if cfg.get("eval_file"):
-        return f"{num_samples} rows of {Path(cfg['eval_file']).name}"
+        return f"{num_samples:,} rows of {Path(cfg['eval_file']).name}"
     if cfg.get("eval_split"):
-        return f"{num_samples} rows of the {cfg['eval_split']} split"
+        return f"{num_samples:,} rows of the {cfg['eval_split']} split"
     known = cfg["dataset"] in KNOWN_DATASETS
     if known or Path(cfg["dataset"]).exists() or Path(cfg["dataset"]).suffix:
-        return f"{num_samples} rows held out from train (stratified, seed {cfg['seed']}; duplicates dropped first)"
-    return f"{num_samples} rows of the dataset's validation split (its test split if it has none)"
+        return f"{num_samples:,} rows held out from train (stratified, seed {cfg['seed']}; duplicates dropped first)"
+    return f"{num_samples:,} rows of the dataset's validation split (its test split if it has none)"
 
 
 def headline_metrics(results: dict) -> list[tuple[str, str, float]]:

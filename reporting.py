@@ -189,9 +189,11 @@ def best_adapter_note(results: dict) -> list[str]:
     if per_epoch:
         when += f" (epoch {step / per_epoch:.2f} of {results['optimizer_steps'] / per_epoch:.2f})"
     metric = results.get("metric_for_best", results["config"]["metric_for_best"])
-    return [f"The adapter saved (\"after\") was taken at {when}: the best `{metric}` of "
-            f"{len(eval_history(results)) - 1} evaluation(s) during training. It is picked on this same eval split, so "
-            "its score is slightly optimistic; the last evaluation is the one no choice flatters."]
+    evals = eval_history(results)[1:]
+    last = f" ({metric} {evals[-1][metric]:.4f} at step {evals[-1]['step']})" if evals and metric in evals[-1] else ""
+    return [f"The adapter saved (\"after\") was taken at {when}: the best `{metric}` of {len(evals)} evaluation(s) "
+            f"during training. It is picked on this same eval split, so its score is slightly optimistic; the last "
+            f"evaluation{last} is the one no choice flatters."]
 
 
 def _config_section(results: dict) -> list[str]:

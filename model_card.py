@@ -192,7 +192,8 @@ def _limits(results: dict, cross_domain: dict) -> list[str]:
     if cross_domain:
         rows = [[name, metrics["accuracy"], metrics.get("f1", "-"), metrics["num_samples"]]
                 for name, metrics in cross_domain.items()]
-        lines += ["Measured on other data (the adapter unchanged):",
+        lines += [f"Measured on other data (the adapter unchanged, texts cut to {results['config']['max_length']} tokens "
+                  "as in training, with `eval.py --dataset`):",
                   reporting.markdown_table(["dataset", "accuracy", "f1", "rows"], rows)]
     else:
         lines.append("Scores on other data were not measured: `python eval.py --adapter_dir DIR --dataset OTHER` "

@@ -79,6 +79,10 @@ def test_every_run_writes_a_card_whose_numbers_are_its_metrics(trained):
     scores = {m["type"]: m["value"] for m in result["metrics"]}
     assert scores == {"accuracy": round(results["final"]["accuracy"], 4), "f1": round(results["final"]["f1"], 4)}
     assert set(meta["metrics"]) == set(scores)
+    from huggingface_hub import ModelCard  # the Hub's own reader of the metadata finds the same results
+
+    hub = ModelCard.load(out / "README.md").data
+    assert hub.library_name == "peft" and {r.metric_type: r.metric_value for r in hub.eval_results} == scores
     # the body: reporting's before/after and per-class tables of this run's metrics.json, its labels and time
     assert reporting.before_after_table(results["baseline"], results["final"], evaluation.REPORT_METRICS) in body
     assert "\n".join(reporting.per_class_section(results)[1:2]) in body

@@ -8,6 +8,7 @@ must not shard the input embeddings twice.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -39,6 +40,9 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         dynamo_backend=DynamoBackend.INDUCTOR if cfg.compile else DynamoBackend.NO)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         check_deepspeed_settings(cfg, accelerator)
+    if cfg.report_to:
+        accelerator.init_trackers("lora-text-classification", config={
+            k: v for k, v in dataclasses.asdict(cfg).items() if v is not None and not isinstance(v, list)})
     return accelerator
 
 

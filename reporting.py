@@ -34,7 +34,8 @@ def results_record(run, state, baseline: dict, final: dict) -> dict:
         "best_epoch": None if state.best_step is None else round(state.best_step / run.steps_per_epoch, 2),
         "trainable_parameters": run.trainable_parameters, "total_parameters": run.total_parameters,
         "trainable_share": run.trainable_parameters / run.total_parameters,
-        "optimizer_steps": state.global_step, "train_seconds": state.train_seconds,
+        "optimizer_steps": state.global_step, "steps_per_epoch": run.steps_per_epoch,
+        "train_seconds": state.train_seconds,
         "train_samples_per_s": state.samples_seen / max(state.train_seconds, 1e-9),
         "train_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
         "num_processes": run.accelerator.num_processes, "mixed_precision": run.accelerator.mixed_precision,
@@ -110,7 +111,7 @@ def eval_history(results: dict) -> list[dict]:
     return [baseline, *during]
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return (f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s" if minutes else f"{seconds} s")
@@ -158,7 +159,7 @@ def _multi_label_summary(results: dict) -> list[str]:
     ]
 
 
-def _per_class_section(results: dict) -> list[str]:
+def per_class_section(results: dict) -> list[str]:
     after, before = results["final"].get("per_class"), results["baseline"].get("per_class", {})
     if after is None:  # a metrics.json written before per-class reports existed
         return []
@@ -204,7 +205,7 @@ def _training_section(results: dict) -> list[str]:
     facts = [
         f"- optimizer steps: {results['optimizer_steps']} (batch {cfg['batch_size']} x accumulation "
         f"{cfg['gradient_accumulation_steps']} x {results['num_processes']} process(es))",
-        f"- training time: {_duration(results['train_seconds'])} (evaluation not included)",
+        f"- training time: {duration(results['train_seconds'])} (evaluation not included)",
         f"- throughput: {results['train_samples_per_s']:.1f} samples/s, {results['train_tokens_per_s']:.0f} "
         "tokens/s (real tokens, padding excluded)",
         f"- trainable parameters: {results['trainable_parameters']:,} of {results['total_parameters']:,} "
@@ -212,8 +213,25 @@ def _training_section(results: dict) -> list[str]:
         f"- mixed precision: {results['mixed_precision']}",
     ]
     return ["## Evaluations during training",
-            markdown_table(["step", "epoch", "loss", *columns], evals),
+            markdown_table(["step", "epoch", "loss", *columns], evals), *best_adapter_note(results),
             "## Training", "\n".join(facts)]
+
+
+def best_adapter_note(results: dict) -> list[str]:
+    """When the adapter kept as best was taken: its step, and its epoch counted from the start (step 354
+    of 236-step epochs is epoch 1.50); [] for a metrics.json written before runs recorded it."""
+    step, per_epoch = results.get("best_step"), results.get("steps_per_epoch")
+    if step is None:
+        return []
+    when = f"step {step} of {results['optimizer_steps']}"
+    if per_epoch:
+        when += f" (epoch {step / per_epoch:.2f} of {results['optimizer_steps'] / per_epoch:.2f})"
+    metric = results.get("metric_for_best", results["config"]["metric_for_best"])
+    evals = eval_history(results)[1:]
+    last = f" ({metric} {evals[-1][metric]:.4f} at step {evals[-1]['step']})" if evals and metric in evals[-1] else ""
+    return [f"The adapter saved (\"after\") was taken at {when}: the best `{metric}` of {len(evals)} evaluation(s) "
+            f"during training. It is picked on this same eval split, so its score is slightly optimistic; the last "
+            f"evaluation{last} is the one no choice flatters."]
 
 
 def _config_section(results: dict) -> list[str]:
@@ -230,7 +248,7 @@ def _config_section(results: dict) -> list[str]:
 def format_report(results: dict, plot_files: list[str] = ()) -> str:
     """The text of report.md for one run (``results`` is the dict saved as metrics.json)."""
     plots = ["## Plots", "\n\n".join(f"![{Path(f).stem.replace('_', ' ')}]({Path(f).name})" for f in plot_files)]
-    sections = ["# Fine-tuning report", *_summary_section(results), *_per_class_section(results),
+    sections = ["# Fine-tuning report", *_summary_section(results), *per_class_section(results),
                 *_confusion_section(results), *_training_section(results), *(plots if plot_files else []),
                 *_config_section(results)]
     return "\n\n".join(sections) + "\n"
@@ -272,6 +290,8 @@ def plot_curves(results: dict):
     # Distinct markers and dashes: on balanced data accuracy and balanced accuracy coincide exactly.
     for (key, label), style in zip(lines, ("o-", "s--", "^:")):
         metric_ax.plot(eval_steps, [e[key] for e in evals], style, label=label, markersize=5)
+    if results.get("best_step") is not None:
+        metric_ax.axvline(results["best_step"], color="tab:gray", linestyle=":", label="adapter kept as best")
     metric_ax.set(title="Eval metrics (step 0 = before training)", ylabel="score")
 
     lr_ax.plot(steps, [h["train/lr"] for h in train], marker=".", color="tab:gray")

@@ -16,13 +16,11 @@ loop, best adapter, results). Each feature lives in a module of its own; here it
   gradient accumulation with exact loss normalisation       train_step (below)
   mixed precision, clipping, AdamW, warmup schedules        train_step, build_optimizer, build_scheduler
   DDP / FSDP / DeepSpeed through `accelerate launch`        backends.py (and Accelerate)
-  evaluation, metrics, prediction                           eval.py, metric_names.py
-  best adapter, early stopping                              best_adapter.py
-  atomic checkpoints without pickle                         checkpointing.py
-  exact resume, with settings and inputs checked            resume.py
+  evaluation, metrics, prediction; best adapter, early stop  eval.py, metric_names.py; best_adapter.py
+  atomic checkpoints without pickle; exact, checked resume  checkpointing.py; resume.py
   the output dir: one run at a time, nothing deleted        run_dir.py
   throughput, MFU; CPU dropout masks                        metering.py; performance.py
-  before/after table, report.md, plots                      reporting.py
+  before/after table, report.md, plots; the model card     reporting.py; model_card.py
 """
 
 from __future__ import annotations
@@ -48,6 +46,7 @@ import data
 import eval as evaluation
 import lora_setup
 import metering
+import model_card
 import performance
 import reporting
 import resume
@@ -169,9 +168,6 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True, splits: data.Labelled
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
-    if cfg.report_to:
-        accelerator.init_trackers("lora-text-classification", config={
-            k: v for k, v in dataclasses.asdict(cfg).items() if v is not None and not isinstance(v, list)})
     return Run(cfg, accelerator, output, tokenizer, splits.label_names, model, optimizer, scheduler, train_loader,
                eval_loader, steps_per_epoch, total_steps, trainable, total, identity, resume_from,
                None if weights is None else torch.tensor(weights, device=accelerator.device), splits.multi_label,
@@ -337,6 +333,7 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
 def fit(run: Run, state: TrainState, keeper: BestAdapter) -> None:
     """The training loop: epochs of accumulation windows, one optimizer step per window."""
     cfg, accelerator = run.cfg, run.accelerator
+    eval_every = settings.evaluation_interval(cfg.eval_every, run.steps_per_epoch)
     meter = metering.ThroughputMeter(accelerator.device, run.total_parameters, accelerator.num_processes)
     progress = tqdm(total=run.total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process)
     run.model.train()
@@ -360,7 +357,7 @@ def fit(run: Run, state: TrainState, keeper: BestAdapter) -> None:
             if state.global_step % cfg.log_every == 0 or state.global_step == run.total_steps:
                 metering.log_progress(run, state, meter, progress)
             with meter.paused():  # evaluation and checkpoints are not training time
-                if cfg.eval_every and state.global_step % cfg.eval_every == 0:
+                if eval_every and state.global_step % eval_every == 0:
                     evaluate_and_keep(run, state, keeper)
                 if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0 and not epoch_done:
                     save_checkpoint(run, state)
@@ -369,7 +366,7 @@ def fit(run: Run, state: TrainState, keeper: BestAdapter) -> None:
         if state.batches_in_epoch >= len(run.train_loader):  # the epoch ran to its end: next epoch, from 0
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             with meter.paused():
-                if not cfg.eval_every:
+                if not eval_every:
                     evaluate_and_keep(run, state, keeper)
                 save_checkpoint(run, state)
     if meter.steps:  # steps since the last log line (early stopping)
@@ -419,6 +416,7 @@ def finish(run: Run, state: TrainState, baseline: dict, final: dict) -> dict:
         (output.path / "metrics.json").write_text(json.dumps(results, indent=2))
         reporting.save_plots(output.path, results)  # first: the report links the PNGs it finds; never raises
         reporting.write_report(output.path, results)
+        model_card.write_cards(output.path, results, run.best_dir)  # over PEFT's empty README.md template
         if cfg.merge:
             # A 4-bit base would round the merged weights to 4 bits: merge on the full-precision base.
             to_merge = (lora_setup.load_adapter(output.path)[0] if cfg.load_in_4bit

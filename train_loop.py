@@ -745,7 +745,7 @@ def log_progress(run: Run, state: TrainState, meter: metering.ThroughputMeter, p
 def fit(run: Run, state: TrainState, keeper: checkpointing.BestAdapter) -> None:
     """The training loop: epochs of accumulation windows, one optimizer step per window."""
     cfg, accelerator = run.cfg, run.accelerator
-    meter = metering.ThroughputMeter(accelerator.device, run.total_parameters, accelerator.num_processes)
+    meter = metering.ThroughputMeter(accelerator, run.model)
     progress = tqdm(total=run.total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process)
     run.model.train()
     while state.global_step < run.total_steps and not keeper.should_stop:

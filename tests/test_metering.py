@@ -1,0 +1,80 @@
+"""MFU's two halves, checked by hand: the FLOPs a LoRA training step needs per token, and the card's peak."""
+
+import pytest
+
+import lora_setup
+import metering
+import train_loop
+
+
+def tiny_lora_bert(tiny_model_dir):
+    """The tiny BERT of conftest (hidden 16, 2 layers, 2 heads, intermediate 32) with LoRA r=4 on its
+    default targets (query, key, value, and every layer named dense)."""
+    model_dir = tiny_model_dir("bert")
+    cfg = train_loop.TrainConfig(model=model_dir, lora_r=4, lora_alpha=8)
+    tokenizer = lora_setup.load_tokenizer(model_dir)
+    return train_loop.build_model(cfg, ["neg", "pos"], tokenizer.pad_token_id)[0]
+
+
+def test_matmul_counts_of_a_tiny_lora_bert_match_a_hand_count(tiny_model_dir):
+    counts = metering.matmul_counts(tiny_lora_bert(tiny_model_dir))
+    # Per layer, frozen: query, key, value, attention output 4 x 16x16 = 1024; intermediate 16x32 = 512;
+    # output 32x16 = 512. Embeddings (lookups), pooler and classifier (once per text) are not counted.
+    frozen_per_layer = 4 * 16 * 16 + 16 * 32 + 32 * 16
+    # LoRA r=4, A (in x 4) + B (4 x out): the four 16->16 layers 4 x (64 + 64); intermediate 16->32:
+    # 64 + 128; output 32->16: 128 + 64.
+    lora_per_layer = 4 * (16 * 4 + 4 * 16) + (16 * 4 + 4 * 32) + (32 * 4 + 4 * 16)
+    assert counts == metering.MatmulCounts(frozen=2 * frozen_per_layer, trainable=2 * lora_per_layer,
+                                           layers=2, attention_width=16)
+    assert (counts.frozen, counts.trainable) == (4096, 1792)
+
+
+def test_training_flops_per_token_of_the_tiny_lora_bert_by_hand():
+    counts = metering.MatmulCounts(frozen=4096, trainable=1792, layers=2, attention_width=16)
+    seq_len, layers = 32, 2
+    attention = layers * 2 * (2 * seq_len * 16)  # per layer Q K^T and scores x V, 2 x seq_len x width each
+    forward = 2 * 4096 + 2 * 1792 + attention  # 11,776 for the weights + 4,096
+    backward_inputs = 2 * 4096 + 2 * 1792 + 2 * attention  # attention: both operands get a gradient
+    backward_weights = 2 * 1792  # the frozen base's weight gradients are never computed
+    assert forward + backward_inputs + backward_weights == 39_424
+    assert metering.training_flops_per_token(counts, seq_len) == 39_424
+    # The usual 6N rule on the same weights would claim 6 x 5888 = 35,328 and no attention at all.
+    assert metering.training_flops_per_token(counts, 0) == 4 * 4096 + 6 * 1792
+
+
+def test_a_4bit_packed_weight_counts_its_real_entries(tiny_model_dir):
+    """A QLoRA layer stores two 4-bit entries per byte: its FLOPs are those of the full in x out matmul."""
+    import torch
+
+    model = tiny_lora_bert(tiny_model_dir)
+    before = metering.matmul_counts(model)
+    layer = model.base_model.model.bert.encoder.layer[0].intermediate.dense.base_layer
+    packed = torch.zeros(layer.in_features * layer.out_features // 2, 1, dtype=torch.uint8)
+    layer.weight = torch.nn.Parameter(packed, requires_grad=False)
+    assert metering.matmul_counts(model) == before
+
+
+@pytest.mark.parametrize("name, precision, peak", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.5e12), ("NVIDIA H100 80GB HBM3", "tf32", 494.5e12),
+    ("NVIDIA H100 80GB HBM3", "fp32", 67e12), ("NVIDIA H100 PCIe", "bf16", 756.5e12),
+    ("NVIDIA H100 NVL", "fp16", 835.5e12), ("NVIDIA H200", "bf16", 989.5e12), ("NVIDIA H200 NVL", "bf16", 835.5e12),
+    ("NVIDIA A100-SXM4-40GB", "bf16", 312e12), ("NVIDIA A100 80GB PCIe", "tf32", 156e12),
+    ("NVIDIA L4", "bf16", 121e12), ("NVIDIA L40", "bf16", 181.05e12), ("NVIDIA L40S", "bf16", 362.05e12),
+    ("NVIDIA L40S", "fp32", 91.6e12),
+    # A name not known exactly gives no peak (no MFU) rather than a neighbour's: a PCIe card is not an SXM.
+    ("NVIDIA H100", "bf16", None), ("NVIDIA H100 PCIe-X", "bf16", None), ("Tesla T4", "fp16", None), ("", "bf16", None),
+])
+def test_peak_flops_by_exact_card_name_and_precision(name, precision, peak):
+    assert metering.peak_flops(name, precision) == peak
+
+
+def test_the_precision_a_run_computes_in():
+    assert metering.matmul_precision("bf16", allow_tf32=False) == "bf16"
+    assert metering.matmul_precision("fp16", allow_tf32=True) == "fp16"
+    assert metering.matmul_precision("no", allow_tf32=True) == "tf32"
+    assert metering.matmul_precision("no", allow_tf32=False) == "fp32"
+
+
+def test_mfu_is_achieved_flops_over_the_peak():
+    assert metering.model_flops_utilisation(2e12, 4.0, 1e12) == 0.5
+    assert metering.model_flops_utilisation(2e12, 4.0, None) is None

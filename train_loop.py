@@ -692,7 +692,8 @@ def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max
     if max_grad_norm > 0:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)  # under DeepSpeed the engine clipped
     optimizer.step()
-    scheduler.step()
+    if not accelerator.optimizer_step_was_skipped:  # fp16: the grad scaler skips a step with inf gradients,
+        scheduler.step()  # and the schedule counts optimizer steps taken
     optimizer.zero_grad(set_to_none=True)
     return {"loss": mean_loss, "samples": window_samples, "tokens": window_tokens}
 

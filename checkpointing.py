@@ -93,7 +93,7 @@ def gather_trainable_state(accelerator, model) -> dict | None:
     ZeRO-3 gathering it would all-gather the whole model at every checkpoint and best-adapter save.
     Sharded tensors are gathered collectively, so that the main process does not save a shard or empty
     tensors (the known peft#453 / accelerate#3732 failures): FSDP through torch's ``get_model_state_dict``
-    with ``ignore_frozen_params``, ZeRO-3 through ``deepspeed.zero.GatheredParameters``.
+    with ``ignore_frozen_params``, DeepSpeed through its per-parameter fp32 gather (``_gather_deepspeed``).
     """
     unwrapped = peft_model(accelerator, model)
     trainable = [(name, param) for name, param in unwrapped.named_parameters() if param.requires_grad]
@@ -108,7 +108,7 @@ def gather_trainable_state(accelerator, model) -> dict | None:
     # Buffers are not parameters and stay in that state dict: keep the trainable parameters only. Wrapper
     # prefixes (torch.compile, FSDP1 units) are not part of the names PEFT saves under.
     names = {_plain_name(name) for name, _ in trainable}
-    return {key: value for key, value in state.items() if _plain_name(key) in names}
+    return {_plain_name(key): value for key, value in state.items() if _plain_name(key) in names}
 
 
 WRAPPER_PREFIXES = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -121,17 +121,21 @@ def _plain_name(name: str) -> str:
 
 
 def _gather_deepspeed(accelerator, trainable: list) -> dict | None:
-    """ZeRO-3 partitions every parameter (each process holds a slice; the module's own tensors are empty):
-    gather the trainable ones for the copy, on every process. ZeRO-1 and -2 keep every parameter whole."""
-    def copies():
-        return {name: param.detach().to("cpu", copy=True) for name, param in trainable}
+    """The fp32 weights DeepSpeed's optimizer steps, gathered per trainable parameter on every process.
 
-    if accelerator.state.deepspeed_plugin.zero_stage == 3:
-        import deepspeed
+    Under bf16 the module holds bf16 copies (ZeRO-3: only a slice of each), and the weights the optimizer
+    updates are fp32 partitions inside the engine: ``safe_get_full_fp32_param`` gathers those (a
+    collective under every stage), so the adapter saved is the one trained, not its bf16 rounding, as
+    under DDP and FSDP. ZeRO-3 needs no 16-bit gather of the whole model for it.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
 
-        with deepspeed.zero.GatheredParameters([param for _, param in trainable]):
-            return copies() if accelerator.is_main_process else None
-    return copies() if accelerator.is_main_process else None
+    gathered = {name: safe_get_full_fp32_param(param) for name, param in trainable}
+    if not accelerator.is_main_process:
+        return None
+    # None: a parameter DeepSpeed does not partition (no ZeRO stage), whole in the module
+    return {name: (tensor if tensor is not None else param).detach().to("cpu", copy=True)
+            for (name, param), tensor in zip(trainable, gathered.values())}
 
 
 def adapter_weights(accelerator, model, state: dict) -> dict:

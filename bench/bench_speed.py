@@ -679,7 +679,8 @@ def dry_run_settings(cfg: train_loop.TrainConfig, bench_args) -> tuple[train_loo
     return dataclasses.replace(cfg, **DRY_RUN, max_steps=warmup + 2), args
 
 
-def parse_args(argv=None):
+def bench_parser() -> argparse.ArgumentParser:
+    """The bench's own flags; every other flag goes to train_loop's parser."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Every other flag is a train_loop.py flag with the same meaning (python train_loop.py --help): "
@@ -701,7 +702,11 @@ def parse_args(argv=None):
     parser.add_argument("--dry_run", action="store_true", help="the same command at a size a CPU runs in seconds: "
                         f"{', '.join(f'--{k} {v}' for k, v in DRY_RUN.items())}, a few steps, one round of the "
                         "arms, a tiny model for --random_init, no compilation")
-    bench_args, train_flags = parser.parse_known_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    bench_args, train_flags = bench_parser().parse_known_args(argv)
     cfg = train_loop.parse_config(train_flags)
     if bench_args.dry_run:
         cfg, bench_args = dry_run_settings(cfg, bench_args)

@@ -78,3 +78,25 @@ def test_the_precision_a_run_computes_in():
 def test_mfu_is_achieved_flops_over_the_peak():
     assert metering.model_flops_utilisation(2e12, 4.0, 1e12) == 0.5
     assert metering.model_flops_utilisation(2e12, 4.0, None) is None
+
+
+def test_the_bert_base_shaped_bench_model_counts_as_the_docs_say():
+    """docs/gpu_at_scale.md's figures for the bench's BERT-base shape with the default LoRA (r=16 on every
+    projection), built on the meta device (no memory, no time)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from bench.bench_speed import MODEL_SHAPES
+
+    with torch.device("meta"):
+        model = BertForSequenceClassification(BertConfig(vocab_size=30522, max_position_embeddings=512,
+                                                         **MODEL_SHAPES["bert-base"]))
+    model = lora_setup.apply_lora(model, lora_setup.build_lora_config(model, ["classifier"], r=16, alpha=32, dropout=0.1))
+    counts = metering.matmul_counts(model)
+    per_layer = 4 * 768 * 768 + 2 * 768 * 3072  # query, key, value, output; intermediate, output
+    lora_per_layer = 4 * (768 * 16 + 16 * 768) + 2 * (768 * 16 + 16 * 3072)
+    assert counts == metering.MatmulCounts(12 * per_layer, 12 * lora_per_layer, 12, 768)
+    assert (round(counts.frozen / 1e6, 1), round(counts.trainable / 1e6, 2)) == (84.9, 2.65)
+    assert round(metering.training_flops_per_token(counts, 512) / 1e6) == 412
+    total = lora_setup.count_parameters(model)[1]
+    assert (round(total / 1e6, 1), round(6 * total / 1e6)) == (112.2, 673)  # the 6N rule, for comparison

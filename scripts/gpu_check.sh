@@ -15,7 +15,7 @@
 # Exits non-zero if any step failed or ran out of time.
 #
 # The plan, in order, with each step's cap in seconds (docs/gpu_at_scale.md gives the estimates behind
-# them): kit-unpack 30; gpu-tests 150 (ZeRO-2 in fp32 and bf16, FSDP2 and ZeRO-3 in bf16, the single-GPU
+# them): kit-unpack 45; gpu-tests 150 (ZeRO-2 in fp32 and bf16, FSDP2 and ZeRO-3 in bf16, the single-GPU
 # tests: five groups side by side); qlora-job 60 and qlora-reload 30; bench-base 240 (a BERT-base-shaped
 # encoder on IMDB at length 512); bench-minilm 90; default-job 90. The caps add up to more than the
 # budget on purpose: the budget cuts the last steps short if earlier ones ran long, so the steps are
@@ -103,9 +103,9 @@ if [[ -z $KIT ]] && ((DRY_RUN)); then
   step kit-build 120 cpu $PY scripts/gpu_kit.py build --out "$KIT" --no-wheels --imdb_rows 1000
 fi
 KIT=${KIT:-gpu_kit}
-step kit-unpack 30 cpu $PY scripts/gpu_kit.py unpack --kit "$KIT" --into "$WORK"
+step kit-unpack 45 cpu $PY scripts/gpu_kit.py unpack --kit "$KIT" --into "$WORK"
 if ((DRY_RUN)); then
-  step kit-locate 45 cpu $PY scripts/gpu_kit.py locate --site "$WORK/site"
+  step kit-locate 90 cpu $PY scripts/gpu_kit.py locate --site "$WORK/site"
 fi
 
 step device-info 10 gpu nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv

@@ -166,6 +166,7 @@ def test_trainer_with_our_settings_gets_our_loader_optimizer_and_compile(tiny_mo
     args = bench_speed.trainer_arguments(job, True, str(tmp_path / "trainer"), ours)
     assert (args.dataloader_num_workers, args.dataloader_pin_memory) == (loader["num_workers"], loader["pin_memory"])
     assert args.optim == "adamw_torch_fused" and args.torch_compile and args.train_sampling_strategy == "group_by_length"
+    job.accelerator = train_loop.build_accelerator(cfg)  # TrainingArguments reset Accelerate's state; a Trainer rebuilds it
     defaults = bench_speed.trainer_arguments(job, False, str(tmp_path / "trainer"))
     assert defaults.dataloader_num_workers == 0 and not defaults.torch_compile
 

@@ -100,3 +100,49 @@ def test_the_bert_base_shaped_bench_model_counts_as_the_docs_say():
     assert round(metering.training_flops_per_token(counts, 512) / 1e6) == 412
     total = lora_setup.count_parameters(model)[1]
     assert (round(total / 1e6, 1), round(6 * total / 1e6)) == (112.2, 673)  # the 6N rule, for comparison
+
+
+def test_the_formula_counts_the_matmuls_pytorch_runs(tiny_model_dir):
+    """torch's FlopCounterMode over one forward + backward of the tiny LoRA BERT on one text of 32 tokens:
+    its matmul FLOPs (mm, addmm) are the formula's weight terms, exactly, once two known differences are
+    accounted for. (Attention runs in fused scaled_dot_product_attention, which it does not count on CPU.)"""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_lora_bert(tiny_model_dir)
+    counts = metering.matmul_counts(model)
+    ids = torch.randint(5, 20, (1, 32))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()
+    flops = counter.get_flop_counts()["Global"]
+    measured = flops[torch.ops.aten.mm] + flops[torch.ops.aten.addmm]
+    weights_only = 32 * metering.training_flops_per_token(counts, 0)  # the attention term set to zero
+    # 1. The embeddings are frozen, so nothing needs the gradient of layer 0's input: autograd skips the
+    #    input gradients of its query, key and value (base 16x16, LoRA A 16x4), 2 FLOPs a weight and token.
+    skipped = 32 * 3 * 2 * (16 * 16 + 16 * 4)
+    # 2. The pooler (16x16 with LoRA r=4) and the head (16x2) run once per text: forward 2 per weight,
+    #    backward 2 for the input and, for what trains (LoRA, head), 2 for the weight.
+    per_text = (2 * (256 + 128) + 2 * (256 + 128) + 2 * 128) + (2 * 32 + 2 * 32 + 2 * 32)
+    assert measured == weights_only - skipped + per_text
+
+
+def test_the_training_log_reports_mfu_from_the_real_tokens_and_their_texts_lengths(tiny_model_dir, monkeypatch):
+    """ThroughputMeter's MFU on a (pretended) H100, two processes, bf16: the steps' real tokens, each step's
+    mean text length for attention's term, the interval's seconds and twice the card's peak."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    accelerator = SimpleNamespace(device=torch.device("cuda"), mixed_precision="bf16", num_processes=2)
+    meter = metering.ThroughputMeter(accelerator, tiny_lora_bert(tiny_model_dir))
+    meter.add({"loss": 0.6, "samples": torch.tensor(4.0), "tokens": torch.tensor(128.0)})  # 4 texts of 32 tokens
+    meter.add({"loss": 0.4, "samples": torch.tensor(2.0), "tokens": torch.tensor(32.0)})  # 2 texts of 16
+    meter.started = time.perf_counter() - 2.0
+    record, interval = meter.record(learning_rate=1e-3)
+    flops = 128 * (4 * 4096 + 6 * 1792 + 12 * 2 * 32 * 16) + 32 * (4 * 4096 + 6 * 1792 + 12 * 2 * 16 * 16)
+    assert record["train/mfu"] == pytest.approx(flops / interval["seconds"] / (2 * 989.5e12))
+    assert interval["seconds"] == pytest.approx(2.0, abs=0.5) and record["train/peak_memory_gb"] == 3
+    assert (interval["samples"], interval["tokens"]) == (6, 160) and record["train/loss"] == pytest.approx(0.5)

@@ -208,6 +208,10 @@ def test_the_bench_commands_of_the_check_run_as_dry_runs(tmp_path):
     assert len(commands) == 2
     for i, command in enumerate(commands):
         args = shlex.split(command.replace("$BENCH_GPU", options).replace('"$OUT_DIR', f'"{tmp_path}'))
+        from bench import bench_speed
+
+        bench_args, cfg = bench_speed.parse_args(args)  # the GPU command itself: 30 steps, the first 5 apart
+        assert (cfg.max_steps, bench_args.timed_warmup_steps, bench_args.repeats) == (30, 5, 3)
         result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_speed.py"), *args, "--dry_run"],
                                 capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]

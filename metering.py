@@ -121,10 +121,13 @@ def matmul_counts(model) -> MatmulCounts:
             trainable += _weight_count(module)
         else:
             frozen += _weight_count(module)
-    config = inner.config
-    heads = config.num_attention_heads
-    head_size = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return MatmulCounts(frozen, trainable, config.num_hidden_layers, heads * head_size)
+    config = getattr(inner, "config", None)
+    try:
+        heads, layers, hidden = config.num_attention_heads, config.num_hidden_layers, config.hidden_size
+    except AttributeError as err:
+        raise ValueError(f"cannot size attention from this model's config ({err})") from None
+    head_size = getattr(config, "head_dim", None) or hidden // heads
+    return MatmulCounts(frozen, trainable, layers, heads * head_size)
 
 
 def model_flops_utilisation(flops: float, seconds: float, peak: float | None) -> float | None:
@@ -138,12 +141,15 @@ class ThroughputMeter:
     def __init__(self, accelerator, model):
         device = accelerator.device
         self.on_gpu = device.type == "cuda"
-        self.counts = matmul_counts(model)
-        self.peak_flops = None
+        self.counts = self.peak_flops = None  # MFU: on a GPU whose peak is known, for a model we can size
         if self.on_gpu:
             precision = matmul_precision(accelerator.mixed_precision, torch.backends.cuda.matmul.allow_tf32)
             peak = peak_flops(torch.cuda.get_device_name(device), precision)
-            self.peak_flops = peak * accelerator.num_processes if peak else None
+            try:
+                self.counts = matmul_counts(model) if peak else None
+                self.peak_flops = peak * accelerator.num_processes if peak else None
+            except ValueError:
+                pass  # an architecture whose config does not give its attention's size: no MFU, training goes on
         self.reset()
 
     def reset(self) -> None:

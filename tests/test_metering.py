@@ -146,3 +146,19 @@ def test_the_training_log_reports_mfu_from_the_real_tokens_and_their_texts_lengt
     assert record["train/mfu"] == pytest.approx(flops / interval["seconds"] / (2 * 989.5e12))
     assert interval["seconds"] == pytest.approx(2.0, abs=0.5) and record["train/peak_memory_gb"] == 3
     assert (interval["samples"], interval["tokens"]) == (6, 160) and record["train/loss"] == pytest.approx(0.5)
+
+
+def test_a_model_whose_config_does_not_size_attention_logs_no_mfu_and_trains_on(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))  # no config at all
+    with pytest.raises(ValueError, match="cannot size attention"):
+        metering.matmul_counts(model)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
+    meter = metering.ThroughputMeter(SimpleNamespace(device=torch.device("cuda"), mixed_precision="bf16",
+                                                     num_processes=1), model)
+    meter.add({"loss": 0.5, "samples": torch.tensor(2.0), "tokens": torch.tensor(8.0)})
+    assert "train/mfu" not in meter.record(1e-3)[0]

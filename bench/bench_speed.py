@@ -16,11 +16,17 @@ and number of optimizer steps:
   (d) ``Trainer`` with ``train_sampling_strategy="group_by_length"`` (the old ``group_by_length=True``)
   (e) our loop, length-grouped, with PyTorch's own dropout (``--no-fast_dropout``): against (a), what
       the cheaper dropout masks buy; against (d), the loop alone on the same kind of batches
+  (f) our loop, length-grouped, compiled (``--compile``)
+  (g) ``Trainer`` with our settings: length grouping, widths padded to a multiple of 8, fused AdamW on a
+      GPU, our loader workers and pinned memory, compiled when the job's ``--compile`` is on
+  (h) (g) compiled: against (f), the loops compared with both compiled
   plus TF-IDF (1-2 grams, sublinear tf) + logistic regression on the same split, for accuracy context.
+  By default (a)-(e) and TF-IDF run; (f)-(h) are for GPU-sized jobs (``--arms``, docs/gpu_at_scale.md).
 
 Every flag of ``train_loop.py`` is accepted and means the same (``--dataset``, ``--max_length``,
 ``--batch_size``, ``--max_steps``, ``--max_eval_samples``, ``--learning_rate``, ``--lora_r`` ...); the
-bench adds ``--arms``, ``--repeats``, ``--output`` and ``--threads``. Without ``--max_steps`` every run
+bench adds ``--arms``, ``--repeats``, ``--output``, ``--threads``, ``--random_init``, ``--timed_warmup_steps``
+and ``--dry_run`` (see ``bench_parser``). Without ``--max_steps`` every run
 trains exactly one epoch, so all of them see every training text once and samples/s compares the same
 work (a part of an epoch holds different texts, and lengths, for each sampler).
 

@@ -85,31 +85,71 @@ def peft_model(accelerator, model):
     return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
-def gather_full_state(accelerator, model) -> dict | None:
-    """The model's full state dict on the main process (``None`` elsewhere). Every process must call this.
+def gather_trainable_state(accelerator, model) -> dict | None:
+    """The trainable tensors (LoRA matrices, the trained head), whole, under the PEFT model's parameter
+    names, on the main process (``None`` elsewhere). Every process must call this.
 
-    Under FSDP each process holds a shard and under DeepSpeed ZeRO-3 a partition of every parameter, so
-    reading ``model.state_dict()`` on the main process alone would save a shard or empty tensors (the
-    known peft#453 / accelerate#3732 failures). Accelerate's ``get_state_dict`` gathers collectively.
+    Only what trains is gathered: the frozen base never changes and is never saved, and under FSDP or
+    ZeRO-3 gathering it would all-gather the whole model at every checkpoint and best-adapter save.
+    Sharded tensors are gathered collectively, so that the main process does not save a shard or empty
+    tensors (the known peft#453 / accelerate#3732 failures): FSDP through torch's ``get_model_state_dict``
+    with ``ignore_frozen_params``, DeepSpeed through its per-parameter fp32 gather (``_gather_deepspeed``).
     """
-    full = accelerator.get_state_dict(model)
+    unwrapped = peft_model(accelerator, model)
+    trainable = [(name, param) for name, param in unwrapped.named_parameters() if param.requires_grad]
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return _gather_deepspeed(accelerator, trainable)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                 ignore_frozen_params=True))
     if not accelerator.is_main_process:
         return None
-    return {k.replace("_orig_mod.", ""): v for k, v in full.items()}  # torch.compile's wrapper prefix
+    # Buffers are not parameters and stay in that state dict: keep the trainable parameters only. Wrapper
+    # prefixes (torch.compile, FSDP1 units) are not part of the names PEFT saves under.
+    names = {_plain_name(name) for name, _ in trainable}
+    return {_plain_name(key): value for key, value in state.items() if _plain_name(key) in names}
 
 
-def adapter_weights(accelerator, model, full_state: dict) -> dict:
-    """The adapter + head part of a full state dict, under PEFT's saved key names, on the CPU."""
-    adapter = get_peft_model_state_dict(peft_model(accelerator, model), state_dict=full_state)
+WRAPPER_PREFIXES = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _plain_name(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _gather_deepspeed(accelerator, trainable: list) -> dict | None:
+    """The fp32 weights DeepSpeed's optimizer steps, gathered per trainable parameter on every process.
+
+    Under bf16 the module holds bf16 copies (ZeRO-3: only a slice of each), and the weights the optimizer
+    updates are fp32 partitions inside the engine: ``safe_get_full_fp32_param`` gathers those (a
+    collective under every stage), so the adapter saved is the one trained, not its bf16 rounding, as
+    under DDP and FSDP. ZeRO-3 needs no 16-bit gather of the whole model for it.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    gathered = {name: safe_get_full_fp32_param(param) for name, param in trainable}
+    if not accelerator.is_main_process:
+        return None
+    # None: a parameter DeepSpeed does not partition (no ZeRO stage), whole in the module
+    return {name: (tensor if tensor is not None else param).detach().to("cpu", copy=True)
+            for (name, param), tensor in zip(trainable, gathered.values())}
+
+
+def adapter_weights(accelerator, model, state: dict) -> dict:
+    """The adapter + head part of a state dict, under PEFT's saved key names, on the CPU."""
+    adapter = get_peft_model_state_dict(peft_model(accelerator, model), state_dict=state)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter.items()}
 
 
 def save_adapter(accelerator, model, tokenizer, folder: Path) -> None:
     """The PEFT adapter folder (``AutoPeftModelForSequenceClassification.from_pretrained(folder)``
     reloads it), gathered from every process and written by the main one. Every process calls this."""
-    full = gather_full_state(accelerator, model)
+    trained = gather_trainable_state(accelerator, model)
     if accelerator.is_main_process:
-        lora_setup.save_adapter(peft_model(accelerator, model), tokenizer, folder, state_dict=full)
+        lora_setup.save_adapter(peft_model(accelerator, model), tokenizer, folder, state_dict=trained)
     accelerator.wait_for_everyone()
 
 
@@ -318,13 +358,13 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
             move_aside(checkpoint_dir, [temporary])
         temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    full = gather_full_state(accelerator, model)
+    trained = gather_trainable_state(accelerator, model)
     optimizer_state = _optimizer_state(accelerator, model, optimizer)
     save_rng_state(temporary / f"rng_state_{accelerator.process_index}.safetensors")
     written = [f"rng_state_{rank}.safetensors" for rank in range(accelerator.num_processes)]
     if accelerator.is_main_process:
         unwrapped = peft_model(accelerator, model)
-        save_file(adapter_weights(accelerator, model, full), temporary / ADAPTER_FILE)
+        save_file(adapter_weights(accelerator, model, trained), temporary / ADAPTER_FILE)
         unwrapped.peft_config[unwrapped.active_adapter].save_pretrained(temporary)
         save_optimizer(optimizer_state, temporary)
         if best_dir is not None and (best_dir / ADAPTER_FILE).is_file():

@@ -400,10 +400,17 @@ def build_model(cfg, label_names: list[str], pad_token_id: int, multi_label: boo
     return apply_lora(model, lora_config), head_modules
 
 
+def parameter_count(param) -> int:
+    """The entries a parameter stands for. A bitsandbytes 4-bit weight (QLoRA) packs two of them per byte
+    into a flat uint8 tensor, so its ``numel()`` is half the real count; its ``quant_state`` keeps the shape."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
+
+
 def count_parameters(model) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in model.parameters())
     return trainable, total
 
 

@@ -295,7 +295,8 @@ def train_step(model, optimizer, scheduler, window: list[dict], accelerator, max
     if max_grad_norm > 0:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)  # under DeepSpeed the engine clipped
     optimizer.step()
-    scheduler.step()
+    if not accelerator.optimizer_step_was_skipped:  # fp16: the grad scaler skips a step with inf gradients,
+        scheduler.step()  # and the schedule counts optimizer steps taken
     optimizer.zero_grad(set_to_none=True)
     return {"loss": mean_loss, "samples": window_samples, "tokens": window_tokens}
 
@@ -334,7 +335,7 @@ def fit(run: Run, state: TrainState, keeper: BestAdapter) -> None:
     """The training loop: epochs of accumulation windows, one optimizer step per window."""
     cfg, accelerator = run.cfg, run.accelerator
     eval_every = settings.evaluation_interval(cfg.eval_every, run.steps_per_epoch)
-    meter = metering.ThroughputMeter(accelerator.device, run.total_parameters, accelerator.num_processes)
+    meter = metering.ThroughputMeter(accelerator, run.model)
     progress = tqdm(total=run.total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process)
     run.model.train()
     while state.global_step < run.total_steps and not keeper.should_stop:

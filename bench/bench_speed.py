@@ -16,11 +16,17 @@ and number of optimizer steps:
   (d) ``Trainer`` with ``train_sampling_strategy="group_by_length"`` (the old ``group_by_length=True``)
   (e) our loop, length-grouped, with PyTorch's own dropout (``--no-fast_dropout``): against (a), what
       the cheaper dropout masks buy; against (d), the loop alone on the same kind of batches
+  (f) our loop, length-grouped, compiled (``--compile``)
+  (g) ``Trainer`` with our settings: length grouping, widths padded to a multiple of 8, fused AdamW on a
+      GPU, our loader workers and pinned memory, compiled when the job's ``--compile`` is on
+  (h) (g) compiled: against (f), the loops compared with both compiled
   plus TF-IDF (1-2 grams, sublinear tf) + logistic regression on the same split, for accuracy context.
+  By default (a)-(e) and TF-IDF run; (f)-(h) are for GPU-sized jobs (``--arms``, docs/gpu_at_scale.md).
 
 Every flag of ``train_loop.py`` is accepted and means the same (``--dataset``, ``--max_length``,
 ``--batch_size``, ``--max_steps``, ``--max_eval_samples``, ``--learning_rate``, ``--lora_r`` ...); the
-bench adds ``--arms``, ``--repeats``, ``--output`` and ``--threads``. Without ``--max_steps`` every run
+bench adds ``--arms``, ``--repeats``, ``--output``, ``--threads``, ``--random_init``, ``--timed_warmup_steps``
+and ``--dry_run`` (see ``bench_parser``). Without ``--max_steps`` every run
 trains exactly one epoch, so all of them see every training text once and samples/s compares the same
 work (a part of an epoch holds different texts, and lengths, for each sampler).
 
@@ -70,10 +76,15 @@ ARMS = {
     "c": "Trainer, defaults",
     "d": "Trainer, group_by_length",
     "e": "our loop, length-grouped, PyTorch dropout",
+    "f": "our loop, length-grouped, compiled",
+    "g": "Trainer, our settings",
+    "h": "Trainer, our settings, compiled",
     "tfidf": "TF-IDF + logistic regression",
 }
-TRAINED_ARMS = ("a", "b", "c", "d", "e")
-REFERENCE_ARMS = ("c", "d")  # the ratio columns divide by these runs' samples/s
+TRAINED_ARMS = ("a", "b", "c", "d", "e", "f", "g", "h")
+OUR_ARMS = ("a", "b", "e", "f")
+REFERENCE_ARMS = ("c", "d", "g", "h")  # the ratio columns divide by these runs' samples/s
+DEFAULT_ARMS = ("a", "b", "c", "d", "e", "tfidf")  # the CPU comparison; f, g, h are for GPUs (--arms)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,23 +115,30 @@ class Meter:
 
     PHASES = ("forward", "backward", "optimizer")
 
-    def __init__(self, model, total_steps: int, sample_every_s: float = 0.02):
+    def __init__(self, model, total_steps: int, sample_every_s: float = 0.02, warmup_steps: int = 0,
+                 precision: str = "no"):
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-        self.total_steps = total_steps
+        self.total_steps, self.warmup_steps, self.precision = total_steps, warmup_steps, precision
         self.sample_every_s = sample_every_s
         self.samples = self.padded_tokens = self.steps = 0
         self.real_tokens = []  # per-batch 0-d tensors, summed at the end: no device sync per step
+        self.squared_lengths = []  # per batch, the sum of each text's real length squared: attention's FLOPs
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
         self.started = self.last_step = self.cpu_started = self.last_step_cpu = None
+        self.steady = None  # the counts when the warm-up steps ended (see start and step)
         self._forward_started = self._forward_ended = self._optimizer_started = None
         self.peak_rss = 0
-        self.total_parameters = lora_setup.count_parameters(model)[1]  # for MFU, as train_loop counts it
+        # Hooks go on the model itself, inside any torch.compile wrapper, and never get compiled: every
+        # run, compiled or not, pays the same for them.
+        inner = getattr(model, "_orig_mod", model)
+        self.counts = metering.matmul_counts(inner)  # for MFU, as train_loop counts it
         self.extra = {}  # run-specific figures to report alongside
         self._running = threading.Event()
         self._sampler = None
-        self._hooks = [model.register_forward_pre_hook(self._forward_start, with_kwargs=True),
-                       model.register_forward_hook(self._forward_end),
+        eager = torch.compiler.disable
+        self._hooks = [inner.register_forward_pre_hook(eager(self._forward_start), with_kwargs=True),
+                       inner.register_forward_hook(eager(self._forward_end)),
                        register_optimizer_step_pre_hook(self._optimizer_start),
                        register_optimizer_step_post_hook(self._optimizer_end)]
 
@@ -136,9 +154,11 @@ class Meter:
             self._forward_ended = None
         self._forward_started = now
         mask = kwargs["attention_mask"]
+        lengths = mask.sum(1)
         self.samples += mask.shape[0]
         self.padded_tokens += mask.numel()
-        self.real_tokens.append(mask.sum())
+        self.real_tokens.append(lengths.sum())
+        self.squared_lengths.append((lengths * lengths).sum())
 
     def _forward_end(self, module, args, output):
         if self._active(module) and self._forward_started is not None:
@@ -174,42 +194,59 @@ class Meter:
         self._sampler.start()
         self.cpu_started = time.process_time()
         self.started = time.perf_counter()
+        self.steady = self._counts_now(self.started, self.cpu_started)
+
+    def _counts_now(self, clock: float, cpu_clock: float) -> dict:
+        return {"clock": clock, "cpu": cpu_clock, "steps": self.steps, "samples": self.samples,
+                "padded": self.padded_tokens, "batches": len(self.real_tokens), "seconds": dict(self.seconds)}
 
     def step(self) -> None:
-        if torch.cuda.is_available() and self.steps + 1 == self.total_steps:
-            torch.cuda.synchronize()  # GPU kernels run ahead of Python: the window ends when they are done
         self.steps += 1
+        ends_warmup = self.warmup_steps and self.steps == self.warmup_steps
+        if torch.cuda.is_available() and (self.steps == self.total_steps or ends_warmup):
+            torch.cuda.synchronize()  # GPU kernels run ahead of Python: the window ends when they are done
         self.last_step = time.perf_counter()
         self.last_step_cpu = time.process_time()
+        if ends_warmup:  # the steady-state window starts here: compilation happened before it
+            self.steady = self._counts_now(self.last_step, self.last_step_cpu)
 
     def stop(self) -> dict:
-        """Close the window; returns the run's throughput, token, time-split and memory figures."""
+        """Close the window; returns the run's throughput, token, time-split and memory figures. With
+        ``warmup_steps`` they count the steps after the warm-up (steady state); the warm-up's own time,
+        compilation included, is reported apart."""
         self._running.clear()
         self._sampler.join()
         for hook in self._hooks:
             hook.remove()
-        seconds = self.last_step - self.started
+        start = self.steady
+        steps, samples = self.steps - start["steps"], self.samples - start["samples"]
+        seconds = self.last_step - start["clock"]
         self.real_tokens = [t.item() for t in self.real_tokens]
-        real = sum(self.real_tokens)
-        per_step_ms = {f"{k}_ms_per_step": 1000 * v / self.steps for k, v in self.seconds.items()}
-        per_step_ms["data_and_other_ms_per_step"] = 1000 * (seconds - sum(self.seconds.values())) / self.steps
+        real = sum(self.real_tokens[start["batches"]:])
+        squared = sum(t.item() for t in self.squared_lengths[start["batches"]:])
+        phases = {k: v - start["seconds"][k] for k, v in self.seconds.items()}
+        per_step_ms = {f"{k}_ms_per_step": 1000 * v / steps for k, v in phases.items()}
+        per_step_ms["data_and_other_ms_per_step"] = 1000 * (seconds - sum(phases.values())) / steps
         result = {
-            "optimizer_steps": self.steps, "samples": self.samples, "train_seconds": seconds,
-            "samples_per_s": self.samples / seconds, "real_tokens_per_s": real / seconds,
-            "real_token_share": real / max(self.padded_tokens, 1), **per_step_ms,
+            "optimizer_steps": steps, "samples": samples, "train_seconds": seconds,
+            "samples_per_s": samples / seconds, "real_tokens_per_s": real / seconds,
+            "real_token_share": real / max(self.padded_tokens - start["padded"], 1), **per_step_ms,
+            "warmup_steps": start["steps"], "warmup_seconds": start["clock"] - self.started,
             "peak_rss_mb": self.peak_rss / 2**20,
             # CPU seconds of all this process's threads over the window: near threads x train_seconds on an
             # idle machine, far below it when other jobs share the cores (then compare runs with care)
-            "cpu_seconds": self.last_step_cpu - self.cpu_started,
+            "cpu_seconds": self.last_step_cpu - start["cpu"],
             # a fingerprint of the data order: two runs with equal lists trained on the same batches
             "real_tokens_per_batch": [int(t) for t in self.real_tokens],
         }
         if torch.cuda.is_available():
             result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            peak_flops = metering.peak_bf16_flops(torch.cuda.get_device_name())
-            if peak_flops:  # model FLOPs utilisation, defined as train_loop logs it (real tokens only)
-                result["mfu"] = (result["real_tokens_per_s"] * metering.training_flops_per_token(self.total_parameters)
-                                 / peak_flops)
+            precision = metering.matmul_precision(self.precision, torch.backends.cuda.matmul.allow_tf32)
+            peak = metering.peak_flops(torch.cuda.get_device_name(), precision)
+            # Model FLOPs of the real tokens (train_loop's definition); attention's term is exact per text
+            # here: FLOPs are linear in the length, so real x per_token(sum of squares / real) sums them.
+            flops = real * metering.training_flops_per_token(self.counts, squared / max(real, 1))
+            result["mfu"] = metering.model_flops_utilisation(flops, seconds, peak)
         return {**result, **self.extra}
 
 
@@ -240,6 +277,8 @@ class Job:
     splits: data.LabelledSplits
     train_tokens: object  # datasets.Dataset with input_ids, labels
     eval_loader: object
+    model_label: str = ""  # what the table calls the model (a --random_init shape names itself)
+    scratch: object = None  # the temporary folder holding a --random_init model, removed with the job
 
     @property
     def on_gpu(self) -> bool:
@@ -249,7 +288,35 @@ class Job:
         return data.loader_options(self.cfg.num_workers, self.on_gpu)  # the same choices as train_loop.train()
 
 
-def prepare_job(cfg: train_loop.TrainConfig) -> Job:
+# BERT encoders built from their config, with random weights: a step's time does not depend on the
+# weights' values, so this measures a BERT-base-sized job without downloading one.
+MODEL_SHAPES = {
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),  # dry runs
+}
+
+
+def save_random_model(shape: str, folder: Path, seed: int) -> Path:
+    """A BERT encoder of ``shape`` with random weights and the embedded MiniLM's tokenizer (BERT's uncased
+    WordPiece vocabulary), saved as a model folder that ``--model`` loads like any pretrained one."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer = lora_setup.load_tokenizer("embedded:minilm")
+    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                        **MODEL_SHAPES[shape])
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def prepare_job(cfg: train_loop.TrainConfig, random_init: str | None = None) -> Job:
+    scratch, label = None, cfg.model
+    if random_init:
+        scratch = tempfile.TemporaryDirectory(prefix="bench_model_")
+        cfg = dataclasses.replace(cfg, model=str(save_random_model(random_init, Path(scratch.name), cfg.seed)))
+        label = f"{random_init}-shaped BERT, random weights ({MODEL_SHAPES[random_init]['num_hidden_layers']} layers x " \
+                f"{MODEL_SHAPES[random_init]['hidden_size']}), MiniLM tokenizer"
     accelerator = train_loop.build_accelerator(cfg)
     tokenizer = lora_setup.load_tokenizer(cfg.model)
     splits = train_loop.load_data(cfg)
@@ -258,7 +325,7 @@ def prepare_job(cfg: train_loop.TrainConfig) -> Job:
         cfg = dataclasses.replace(cfg, max_steps=math.ceil(len(splits.train) / per_step))
     # Cut as train_loop.setup cuts them (--truncation), so that every arm trains on the same tokens.
     job = Job(cfg, accelerator, tokenizer, splits, data.tokenize(splits.train, tokenizer, cfg.max_length, cfg.truncation),
-              None)
+              None, label, scratch)
     eval_loader = data.build_dataloader(data.tokenize(splits.eval, tokenizer, cfg.max_length, cfg.truncation),
                                         tokenizer.pad_token_id, cfg.eval_batch_size, train=False, **job.loader_options())
     job.eval_loader = accelerator.prepare_data_loader(eval_loader)
@@ -285,25 +352,33 @@ def warmup_steps(cfg: train_loop.TrainConfig, max_steps: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def setup_our_loop(job: Job, group_by_length: bool, fast_dropout: bool, max_steps: int) -> train_loop.Run:
-    """Runs (a)/(b)/(e) start exactly as ``train_loop.train()`` does: through ``train_loop.setup``, with
-    the arm's sampler and dropout and the job's splits, writing nothing. Train with the returned run's
-    accelerator: it prepared the model and optimizer (under fp16, its gradient scaler is theirs)."""
-    cfg = dataclasses.replace(job.cfg, group_by_length=group_by_length, fast_dropout=fast_dropout, max_steps=max_steps)
+def setup_our_loop(job: Job, group_by_length: bool, fast_dropout: bool, max_steps: int,
+                   compile: bool | None = None) -> train_loop.Run:
+    """Runs (a)/(b)/(e)/(f) start exactly as ``train_loop.train()`` does: through ``train_loop.setup``, with
+    the arm's sampler, dropout and compile setting and the job's splits, writing nothing. Train with the
+    returned run's accelerator: it prepared the model and optimizer (under fp16, its gradient scaler is theirs)."""
+    from accelerate.state import AcceleratorState
+
+    cfg = dataclasses.replace(job.cfg, group_by_length=group_by_length, fast_dropout=fast_dropout, max_steps=max_steps,
+                              compile=job.cfg.compile if compile is None else compile)
+    # Accelerate keeps one state per process, and the compile setting of the first Accelerator built would
+    # stick: start afresh, as the Trainer runs do (TrainingArguments resets it too).
+    AcceleratorState._reset_state(reset_partial_state=True)
     return train_loop.setup(cfg, claim_output_dir=False, splits=job.splits)
 
 
-def run_our_loop(job: Job, group_by_length: bool, fast_dropout: bool = True, max_steps: int | None = None):
-    """Runs (a)/(b)/(e): train_loop's own data loader, model setup, optimizer, schedule and ``train_step``.
+def run_our_loop(job: Job, group_by_length: bool, fast_dropout: bool = True, max_steps: int | None = None,
+                 compile: bool | None = None, warmup_steps: int = 0):
+    """Runs (a)/(b)/(e)/(f): train_loop's own data loader, model setup, optimizer, schedule and ``train_step``.
 
     This is train_loop.train()'s loop without what the Trainer runs here do not do either: no
     evaluation, checkpoints or progress bar inside the timed window. Returns ``(model, meter)``.
     """
     cfg = job.cfg
     max_steps = max_steps or cfg.max_steps
-    run = setup_our_loop(job, group_by_length, fast_dropout, max_steps)
+    run = setup_our_loop(job, group_by_length, fast_dropout, max_steps, compile)
     run.model.train()
-    meter = Meter(run.model, max_steps)
+    meter = Meter(run.model, max_steps, warmup_steps=warmup_steps, precision=run.accelerator.mixed_precision)
     meter.start()
     epoch = 0
     while meter.steps < max_steps:
@@ -317,14 +392,19 @@ def run_our_loop(job: Job, group_by_length: bool, fast_dropout: bool = True, max
     return run.model, meter
 
 
-def trainer_arguments(job: Job, group_by_length: bool, output_dir: str):
+def trainer_arguments(job: Job, group_by_length: bool, output_dir: str, ours: dict | None = None):
     """TrainingArguments with the Trainer's defaults except what must match our runs: batch size,
     steps, LR, schedule, warmup, weight decay, clipping, precision, seed and the sampler under test.
-    Checkpoint saving, reporting and the progress bar are off (our runs do none of them while timed)."""
+    Checkpoint saving, reporting and the progress bar are off (our runs do none of them while timed).
+    ``ours`` (runs (g)/(h), from ``our_settings``): also our loader workers, pinned memory, fused AdamW
+    and compile setting."""
     from transformers import TrainingArguments
 
     cfg = job.cfg
     schedules = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+    extra = {} if ours is None else dict(
+        dataloader_num_workers=ours["num_workers"], dataloader_pin_memory=ours["pin_memory"],
+        optim="adamw_torch_fused" if ours["fused"] else "adamw_torch", torch_compile=ours["compile"])
     return TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=cfg.batch_size,
@@ -342,15 +422,24 @@ def trainer_arguments(job: Job, group_by_length: bool, output_dir: str):
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
+        **extra,
     )
 
 
-def run_trainer(job: Job, group_by_length: bool):
-    """Runs (c)/(d): the same model, data and hyperparameters through ``transformers.Trainer``."""
+def our_settings(job: Job, compile: bool) -> dict:
+    """What our loop does on this device beyond the Trainer's defaults (data.loader_options and
+    build_optimizer): widths padded to a multiple of 8, loader workers, pinned memory, fused AdamW, compile."""
+    return {**job.loader_options(), "fused": job.on_gpu, "compile": compile}
+
+
+def run_trainer(job: Job, group_by_length: bool, ours: dict | None = None, warmup_steps: int = 0):
+    """Runs (c)/(d)/(g)/(h): the same model, data and hyperparameters through ``transformers.Trainer``;
+    with ``ours`` (``our_settings``) also our loader, optimizer and compile settings."""
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
 
     model = build_model(job)
-    meter = Meter(model, job.cfg.max_steps)
+    meter = Meter(model, job.cfg.max_steps, warmup_steps=warmup_steps, precision=job.accelerator.mixed_precision)
+    collator = DataCollatorWithPadding(job.tokenizer, pad_to_multiple_of=(ours or {}).get("pad_to_multiple_of"))
 
     class MeterCallback(TrainerCallback):
         """The Trainer's own events bound the timed window: loop start, end of each optimizer step."""
@@ -362,9 +451,9 @@ def run_trainer(job: Job, group_by_length: bool):
             meter.step()
 
     with tempfile.TemporaryDirectory() as output_dir:
-        trainer = Trainer(model=model, args=trainer_arguments(job, group_by_length, output_dir),
+        trainer = Trainer(model=model, args=trainer_arguments(job, group_by_length, output_dir, ours),
                           train_dataset=job.train_tokens, processing_class=job.tokenizer,
-                          data_collator=DataCollatorWithPadding(job.tokenizer), callbacks=[MeterCallback()])
+                          data_collator=collator, callbacks=[MeterCallback()])
         output = trainer.train()
     meter.extra["trainer_reported_runtime_s"] = output.metrics.get("train_runtime")  # its own clock, to cross-check
     model = trainer.model
@@ -408,16 +497,21 @@ def collate_ms_per_batch(job: Job, num_batches: int = 50) -> dict:
     return costs
 
 
-def run_arm(job: Job, arm: str) -> dict:
-    """One run: train (timed window inside), then evaluate outside it with the shared eval code."""
+def run_arm(job: Job, arm: str, warmup_steps: int = 0) -> dict:
+    """One run: train (timed window inside), then evaluate outside it with the shared eval code. The first
+    ``warmup_steps`` optimizer steps are timed apart (compilation happens there)."""
     if arm == "tfidf":
         return run_tfidf(job)
     release_memory()
     started = time.perf_counter()
-    if arm in ("a", "b", "e"):
-        model, meter = run_our_loop(job, group_by_length=arm != "b", fast_dropout=arm != "e")
+    if arm in OUR_ARMS:
+        model, meter = run_our_loop(job, group_by_length=arm != "b", fast_dropout=arm != "e",
+                                    compile=True if arm == "f" else None, warmup_steps=warmup_steps)
+    elif arm in ("g", "h"):  # compiled when ours is: (g) next to (a) with the job's setting, (h) next to (f)
+        ours = our_settings(job, compile=arm == "h" or job.cfg.compile)
+        model, meter = run_trainer(job, group_by_length=True, ours=ours, warmup_steps=warmup_steps)
     else:
-        model, meter = run_trainer(job, group_by_length=arm == "d")
+        model, meter = run_trainer(job, group_by_length=arm == "d", warmup_steps=warmup_steps)
     wall = time.perf_counter() - started
     figures = meter.stop()  # before evaluating: its memory and forwards are not the training run's
     metrics = evaluation.evaluate(model, job.eval_loader, job.accelerator, job.splits.label_names)
@@ -452,7 +546,7 @@ def describe(job: Job, repeats: int) -> dict:
 
     cfg = job.cfg
     return {
-        "model": cfg.model, "dataset": cfg.dataset, "train_rows": len(job.splits.train),
+        "model": job.model_label or cfg.model, "dataset": cfg.dataset, "train_rows": len(job.splits.train),
         "eval_rows": len(job.splits.eval), "batch_size": cfg.batch_size, "max_length": cfg.max_length,
         "max_steps": cfg.max_steps, "learning_rate": cfg.learning_rate, "warmup_steps": warmup_steps(cfg, cfg.max_steps),
         "weight_decay": cfg.weight_decay, "lora": f"r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout}",
@@ -464,17 +558,19 @@ def describe(job: Job, repeats: int) -> dict:
     }
 
 
-def run_benchmark(cfg: train_loop.TrainConfig, arms=tuple(ARMS), warmup: int = 2, repeats: int = 1,
-                  on_progress=None) -> tuple[list[dict], dict]:
+def run_benchmark(cfg: train_loop.TrainConfig, arms=DEFAULT_ARMS, warmup: int = 2, repeats: int = 1,
+                  on_progress=None, random_init: str | None = None, timed_warmup_steps: int = 0) -> tuple[list[dict], dict]:
     """Run the chosen arms on one shared job; returns ``(rows, meta)`` for ``format_table``.
 
     With ``repeats`` > 1 the arms run round-robin (a b c d a b c d ...), so a change in the machine's
     background load hits every arm alike, and each arm reports its median-speed run. After every run,
     ``on_progress(rows, meta)`` gets the results so far (the bench writes them, so an interrupted
-    session keeps what it measured).
+    session keeps what it measured). ``timed_warmup_steps``: the first steps of every run are timed
+    apart from its steady state (see ``Meter``).
     """
-    job = prepare_job(cfg)
+    job = prepare_job(cfg, random_init)
     meta = describe(job, repeats)
+    meta["timed_warmup_steps"] = timed_warmup_steps
     if warmup and any(a in TRAINED_ARMS for a in arms):
         model, meter = run_our_loop(job, group_by_length=True, max_steps=warmup)  # first-call costs, untimed
         meter.stop()
@@ -486,7 +582,7 @@ def run_benchmark(cfg: train_loop.TrainConfig, arms=tuple(ARMS), warmup: int = 2
         for arm in arms:
             if arm not in TRAINED_ARMS and repeat > 0:
                 continue  # the TF-IDF baseline is deterministic and not timed: once is enough
-            run = run_arm(job, arm)
+            run = run_arm(job, arm, timed_warmup_steps)
             runs[arm].append(run)
             print(f"[{arm}] run {repeat + 1}/{repeats}: " + ", ".join(
                 f"{k} {run[k]:.4g}" for k in ("samples_per_s", "train_seconds", "accuracy", "cpu_seconds") if k in run),
@@ -508,13 +604,16 @@ COLUMNS = [  # (header, row key, format)
     ("real tokens/s", "real_tokens_per_s", "{:.0f}"),
     ("real-token share", "real_token_share", "{:.1%}"),
     ("peak memory (MB)", "peak_memory_mb", "{:.0f}"),
-    ("MFU", "mfu", "{:.2%}"),  # GPU only: model FLOPs / (time x the card's bf16 peak)
+    ("MFU", "mfu", "{:.2%}"),  # GPU only: model FLOPs / (time x the card's peak at the run's precision)
     ("train s", "train_seconds", "{:.1f}"),
+    ("warm-up s", "warmup_seconds", "{:.1f}"),
     ("wall s", "wall_seconds", "{:.1f}"),
     ("accuracy", "accuracy", "{:.2%}"),
     ("F1", "f1", "{:.4f}"),
     ("x (c)", "vs_c", "{:.2f}"),
     ("x (d)", "vs_d", "{:.2f}"),
+    ("x (g)", "vs_g", "{:.2f}"),
+    ("x (h)", "vs_h", "{:.2f}"),
 ]
 
 
@@ -546,9 +645,12 @@ def format_table(rows: list[dict], meta: dict) -> str:
     memory = "torch.cuda.max_memory_allocated" if any("peak_gpu_memory_mb" in r for r in rows) else "process RSS"
     lines = ["Settings: " + ", ".join(f"{k} {v}" for k, v in meta.items()), ""]
     lines += markdown_table(rows, COLUMNS)
-    lines += ["", f"samples/s and train s: the training loop only (first batch fetch to last optimizer step); "
+    steady = (f"from the end of optimizer step {meta['timed_warmup_steps']} (the warm-up before it, compilation "
+              "included, is warm-up s) to the last optimizer step" if meta.get("timed_warmup_steps") else
+              "first batch fetch to last optimizer step")
+    lines += ["", f"samples/s, real tokens/s, MFU and train s: the training loop only ({steady}); "
               f"wall s adds model load and setup. Peak memory: {memory} in that window. "
-              "x (c), x (d): samples/s relative to runs (c), (d)."]
+              "x (c), x (d), x (g), x (h): samples/s relative to those runs."]
     if trained:
         lines += ["", "Where the time of one optimizer step goes (mean ms per step):", ""]
         lines += markdown_table(trained, SPLIT_COLUMNS)
@@ -568,33 +670,74 @@ def write_results(rows: list[dict], meta: dict, table: str, output: Path) -> Non
     output.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 
-def parse_args(argv=None):
+# --dry_run: the same command at a size that runs in seconds on a CPU, so that a CI test rehearses a GPU
+# bench's exact flags (every arm, the repeats, the warm-up split) before GPU time is spent on them.
+DRY_RUN = dict(max_length=64, batch_size=8, eval_batch_size=16, max_train_samples=64, max_eval_samples=16)
+
+
+def dry_run_settings(cfg: train_loop.TrainConfig, bench_args) -> tuple[train_loop.TrainConfig, argparse.Namespace]:
+    """Shrink a bench command to a dry run: small batches of short texts, a few steps, one round of the arms,
+    a tiny random model in place of --random_init's, and compilation turned off (see main)."""
+    warmup = min(bench_args.timed_warmup_steps, 1)
+    args = argparse.Namespace(**{**vars(bench_args), "timed_warmup_steps": warmup, "repeats": 1,
+                                 "untimed_warmup_steps": 0,
+                                 "random_init": "tiny" if bench_args.random_init else None})
+    return dataclasses.replace(cfg, **DRY_RUN, max_steps=warmup + 2), args
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    """The bench's own flags; every other flag goes to train_loop's parser."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Every other flag is a train_loop.py flag with the same meaning (python train_loop.py --help): "
                "--dataset, --max_length, --batch_size, --max_steps (default here: "
                "one epoch), --max_eval_samples, --learning_rate, --lora_r ...")
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="runs, in this order")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(DEFAULT_ARMS), help="runs, in this order")
     parser.add_argument("--output", type=Path, help="markdown table path; a .json with every figure goes beside it "
                         "(default: bench/results/<dataset>_len<L>_bs<B>_steps<N>.md)")
     parser.add_argument("--threads", type=int, help="torch threads for every run (default: torch's own choice)")
     parser.add_argument("--repeats", type=int, default=1, help="run the arms round-robin this many times; each "
                         "arm reports its median-speed run (guards against background load changing mid-run)")
     parser.add_argument("--untimed_warmup_steps", type=int, default=2, help="untimed warm-up steps before the runs")
-    bench_args, train_flags = parser.parse_known_args(argv)
+    parser.add_argument("--timed_warmup_steps", type=int, default=0, help="the first N optimizer steps of every run are "
+                        "timed apart as its warm-up (compilation happens there); the throughput figures count the "
+                        "steps after them")
+    parser.add_argument("--random_init", choices=sorted(MODEL_SHAPES), help="train a BERT of this shape built from its "
+                        "config with random weights (MiniLM's tokenizer) instead of --model: a model size no download "
+                        "provides")
+    parser.add_argument("--dry_run", action="store_true", help="the same command at a size a CPU runs in seconds: "
+                        f"{', '.join(f'--{k} {v}' for k, v in DRY_RUN.items())}, a few steps, one round of the "
+                        "arms, a tiny model for --random_init, no compilation")
+    return parser
+
+
+def parse_args(argv=None):
+    bench_args, train_flags = bench_parser().parse_known_args(argv)
     cfg = train_loop.parse_config(train_flags)
+    if bench_args.dry_run:
+        cfg, bench_args = dry_run_settings(cfg, bench_args)
+    if bench_args.timed_warmup_steps < 0 or (cfg.max_steps and bench_args.timed_warmup_steps >= cfg.max_steps):
+        raise train_loop.ConfigError(f"--timed_warmup_steps {bench_args.timed_warmup_steps} leaves no step to measure "
+                                     f"in --max_steps {cfg.max_steps}; give it a number from 0 to max_steps - 1")
     return bench_args, cfg
 
 
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train_loop.quiet_libraries()
-    bench_args, cfg = parse_args(argv)
+    try:
+        bench_args, cfg = parse_args(argv)
+    except train_loop.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if bench_args.dry_run:
+        torch._dynamo.config.disable = True  # compiled arms run their compile plumbing, eagerly
     if bench_args.threads:
         torch.set_num_threads(bench_args.threads)
     output = bench_args.output or default_output(cfg)
     rows, meta = run_benchmark(cfg, bench_args.arms, warmup=bench_args.untimed_warmup_steps,
-                               repeats=bench_args.repeats,
+                               repeats=bench_args.repeats, random_init=bench_args.random_init,
+                               timed_warmup_steps=bench_args.timed_warmup_steps,
                                on_progress=lambda rows, meta: write_results(rows, meta, format_table(rows, meta), output))
     print(format_table(rows, meta))
     print(f"\nwritten: {output} and {output.with_suffix('.json')}")

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import lora_setup
 import train_loop
 from bench import bench_speed
 
@@ -148,3 +149,43 @@ def test_every_arm_trains_on_the_tokens_the_run_settings_cut(tiny_model_dir, tmp
     assert job.train_tokens["input_ids"] == tail
     run = bench_speed.setup_our_loop(job, group_by_length=True, fast_dropout=True, max_steps=1)
     assert run.label_names == job.splits.label_names and run.accelerator.device == job.accelerator.device
+
+
+def test_trainer_with_our_settings_gets_our_loader_optimizer_and_compile(tiny_model_dir, tmp_path, monkeypatch):
+    """Runs (g)/(h) give the Trainer what our loop does on a GPU, so that they compare the loops, not the settings."""
+    from conftest import sentiment_rows, write_csv
+
+    csv_path = write_csv(tmp_path / "reviews.csv", sentiment_rows(60))
+    cfg = train_loop.TrainConfig(model=tiny_model_dir("bert"), dataset=str(csv_path), eval_size=20, batch_size=8,
+                                 max_length=16, max_steps=2, lora_r=4, lora_alpha=8)
+    job = bench_speed.prepare_job(cfg)
+    monkeypatch.setattr(bench_speed.Job, "on_gpu", property(lambda self: True))  # the settings a GPU run gets
+    ours = bench_speed.our_settings(job, compile=True)
+    loader = data.loader_options(cfg.num_workers, True)
+    assert ours == {**loader, "fused": True, "compile": True} and loader["pad_to_multiple_of"] == 8
+    args = bench_speed.trainer_arguments(job, True, str(tmp_path / "trainer"), ours)
+    assert (args.dataloader_num_workers, args.dataloader_pin_memory) == (loader["num_workers"], loader["pin_memory"])
+    assert args.optim == "adamw_torch_fused" and args.torch_compile and args.train_sampling_strategy == "group_by_length"
+    job.accelerator = train_loop.build_accelerator(cfg)  # TrainingArguments reset Accelerate's state; a Trainer rebuilds it
+    defaults = bench_speed.trainer_arguments(job, False, str(tmp_path / "trainer"))
+    assert defaults.dataloader_num_workers == 0 and not defaults.torch_compile
+
+
+def test_a_random_init_model_has_the_shape_asked_and_minilms_tokenizer(tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = bench_speed.save_random_model("tiny", tmp_path / "model", seed=0)
+    config = AutoConfig.from_pretrained(folder)
+    assert (config.num_hidden_layers, config.hidden_size) == (2, 32)
+    minilm = lora_setup.load_tokenizer("embedded:minilm")
+    assert AutoTokenizer.from_pretrained(folder).get_vocab() == minilm.get_vocab()
+    assert config.vocab_size == len(minilm)
+    assert bench_speed.MODEL_SHAPES["bert-base"] == dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                                         intermediate_size=3072)
+
+
+def test_timed_warmup_must_leave_steps_to_measure(capsys):
+    assert bench_speed.main(["--max_steps", "5", "--timed_warmup_steps", "5"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --timed_warmup_steps 5 leaves no step to measure in --max_steps 5; give it a number from 0 to "
+        "max_steps - 1"]

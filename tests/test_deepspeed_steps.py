@@ -23,6 +23,7 @@ class FakeDeepSpeed:
     """The Accelerate + DeepSpeed contract train_step relies on, for one process."""
 
     distributed_type = DistributedType.DEEPSPEED
+    optimizer_step_was_skipped = False  # the engine skips a step only on an fp16 overflow
 
     def __init__(self, engine_accumulation: int):
         self.real = Accelerator(cpu=True)

@@ -8,6 +8,7 @@ the parsers, and the kit's size check and wheel stripping are tested on small fi
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -141,11 +142,11 @@ def test_the_flags_the_check_passes_exist():
     import settings
 
     train_flags = set(settings.build_arg_parser()._option_string_actions)
-    bench_own = {"--arms", "--output", "--threads", "--repeats", "--untimed_warmup_steps"}  # bench_speed.parse_args
+    from bench import bench_speed
+
+    bench_own = set(bench_speed.bench_parser()._option_string_actions)
     assert script_flags("train_loop.py") and script_flags("train_loop.py") <= train_flags
     assert script_flags("bench_speed.py") and script_flags("bench_speed.py") <= train_flags | bench_own
-    profile_own = {"--steps", "--warmup", "--top"}  # profile_step.main's own parser
-    assert script_flags("profile_step.py") and script_flags("profile_step.py") <= train_flags | profile_own
 
 
 def test_size_check_fails_loudly_naming_the_biggest_files(tmp_path):
@@ -180,17 +181,44 @@ def test_report_fails_on_a_failed_or_timed_out_step(tmp_path):
     assert "FAILED" in (tmp_path / "gpu_check.md").read_text()
 
 
-def test_report_carries_the_imdb_bench_and_the_profile_summary(tmp_path):
-    (tmp_path / "steps.jsonl").write_text(json.dumps({"name": "profile", "status": "passed", "seconds": 20.0,
-                                                      "limit_s": 45}) + "\n")
-    (tmp_path / "bench_imdb.md").write_text("| run | samples/s |\n|---|---:|\n| (a) our loop | 123.4 |\n")
-    (tmp_path / "logs").mkdir()
-    summary = "20 steps in 1.5 s under the profiler (75 ms per step); fast_dropout=True, group_by_length=True"
-    (tmp_path / "logs" / "profile.log").write_text(f"data: ...\n{summary}\n---- table ----\n")
+def test_report_carries_the_bench_tables_and_the_goals_they_measure(tmp_path):
+    (tmp_path / "steps.jsonl").write_text(json.dumps({"name": "bench-base", "status": "passed", "seconds": 200.0,
+                                                      "limit_s": 240}) + "\n")
+    (tmp_path / "bench_base.md").write_text("| run | samples/s |\n|---|---:|\n| (f) our loop, compiled | 123.4 |\n")
+    rows = [{"arm": "a", "samples_per_s": 110.0, "vs_g": 1.2, "mfu": 0.3},
+            {"arm": "f", "samples_per_s": 123.4, "vs_h": 1.05, "mfu": 0.36}]
+    (tmp_path / "bench_base.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     assert gpu_report.main([str(tmp_path)]) == 0
     text = (tmp_path / "gpu_check.md").read_text()
-    assert "IMDB subset (6,400 reviews), max length 512, batch 128" in text and "| (a) our loop | 123.4 |" in text
-    assert summary in text and json.loads((tmp_path / "gpu_check.json").read_text())["profile"] == summary
+    assert "BERT-base-shaped encoder" in text and "| (f) our loop, compiled | 123.4 |" in text
+    goals = {g["goal"]: (g["value"], g["met"]) for g in json.loads((tmp_path / "gpu_check.json").read_text())["goals"]}
+    assert goals == {"BERT-base-shaped, compiled: MFU >= 35%": (0.36, True),
+                     "BERT-base-shaped: (a) >= 1.1x Trainer with our settings (g)": (1.2, True),
+                     "BERT-base-shaped: (f) >= 1.1x Trainer with our settings (h)": (1.05, False)}
+
+
+def test_the_bench_commands_of_the_check_run_as_dry_runs(tmp_path):
+    """bench-base and bench-minilm run only on a GPU: the same command lines, with --dry_run, on this CPU
+    (every arm, the warm-up split and the random-init model at a tiny size), so a flag or arm that breaks
+    shows here first."""
+    text = CHECK.read_text().replace("\\\n", " ")
+    options = re.search(r'BENCH_GPU="([^"]+)"', text).group(1)
+    commands = [line.split("bench/bench_speed.py", 1)[1] for line in text.splitlines()
+                if "bench/bench_speed.py" in line and not line.lstrip().startswith("#")]
+    assert len(commands) == 2
+    for i, command in enumerate(commands):
+        args = shlex.split(command.replace("$BENCH_GPU", options).replace('"$OUT_DIR', f'"{tmp_path}'))
+        from bench import bench_speed
+
+        bench_args, cfg = bench_speed.parse_args(args)  # the GPU command itself: 30 steps, the first 5 apart
+        assert (cfg.max_steps, bench_args.timed_warmup_steps, bench_args.repeats) == (30, 5, 3)
+        result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_speed.py"), *args, "--dry_run"],
+                                capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        output = Path(args[args.index("--output") + 1])
+        rows = json.loads(output.with_suffix(".json").read_text())["rows"]
+        assert [r["arm"] for r in rows] == args[args.index("--arms") + 1:args.index("--arms") + 1 + len(rows)]
+        assert all(r["optimizer_steps"] == 2 and r["warmup_steps"] == 1 and r["warmup_seconds"] > 0 for r in rows)
 
 
 def snapshot(folder: Path) -> dict:

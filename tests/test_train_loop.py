@@ -146,6 +146,38 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tiny_model_dir, acceler
     assert scheduler.last_epoch == 0 and not optimizer.state  # neither stepped
 
 
+def fp16_style_step(model_dir: str, poison_gradient: bool) -> tuple:
+    """One train_step under a real gradient scaler (CPU has no fp16 autocast, but GradScaler's skip logic
+    is the same on every device): with ``poison_gradient`` a LoRA gradient is inf, as when fp16 overflows."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    model, tokenizer = make_lora_model(model_dir)
+    local = Accelerator(cpu=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    # What prepare() sets up under --mixed_precision fp16 on a GPU: the scaler in the accelerator (it scales
+    # the loss in backward) and in the wrapped optimizer (it unscales, and skips a step with inf gradients).
+    optimizer = AcceleratedOptimizer(train_loop.build_optimizer(model, 1e-2, 0.0), scaler=scaler)
+    local.scaler, local._optimizers = scaler, [optimizer]
+    scheduler = train_loop.build_scheduler(optimizer, "linear", 2, 10)
+    if poison_gradient:
+        lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+        lora_b.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    before = trainable_state(model)
+    train_loop.train_step(model, optimizer, scheduler, [next(iter(tiny_loader(tokenizer, 16, 16)))], local, 1.0)
+    changed = any(not torch.equal(before[k], v) for k, v in trainable_state(model).items())
+    return local.optimizer_step_was_skipped, changed, scheduler.last_epoch, scaler.get_scale()
+
+
+def test_a_step_the_fp16_grad_scaler_skips_does_not_advance_the_schedule(tiny_model_dir):
+    """An overflowing fp16 step is skipped by the scaler (weights unchanged, scale halved): the LR schedule,
+    which counts optimizer steps, must not move either, or every skip shortens warmup and decay."""
+    skipped, changed, schedule_step, scale = fp16_style_step(tiny_model_dir("bert"), poison_gradient=True)
+    assert skipped and not changed and scale == 2.0**7
+    assert schedule_step == 0
+    # The same step with finite gradients is applied, and the schedule moves on.
+    assert fp16_style_step(tiny_model_dir("bert"), poison_gradient=False) == (False, True, 1, 2.0**8)
+
+
 # --- optimizer and schedule ----------------------------------------------------------------------
 
 

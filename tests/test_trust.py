@@ -308,9 +308,9 @@ def test_max_grad_norm_clips_the_gradient_the_optimizer_sees(tiny_model_dir, mon
 def test_mfu_table_does_not_take_an_l40_for_an_l4():
     import metering
 
-    assert metering.peak_bf16_flops("NVIDIA L40") == 181e12
-    assert metering.peak_bf16_flops("NVIDIA L40S") == 362e12
-    assert metering.peak_bf16_flops("NVIDIA L4") == 121e12
+    assert metering.peak_flops("NVIDIA L40", "bf16") == 181.05e12
+    assert metering.peak_flops("NVIDIA L40S", "bf16") == 362.05e12
+    assert metering.peak_flops("NVIDIA L4", "bf16") == 121e12
 
 
 def test_a_half_written_checkpoint_left_by_a_crash_is_set_aside_not_deleted(tiny_model_dir, csv48, tmp_path):

@@ -82,7 +82,7 @@ def test_short_run_logs_bf16_mfu_and_peak_memory_with_fused_adamw(tiny_model_dir
     logs = [h for h in metrics["history"] if "train/loss" in h]
     assert [h["step"] for h in logs] == [2, 4]
     assert all(h["train/peak_memory_gb"] > 0 for h in logs)
-    if metering.peak_bf16_flops(torch.cuda.get_device_name()):  # MFU needs the card's known peak
+    if metering.peak_flops(torch.cuda.get_device_name(), "bf16"):  # MFU needs the card's known peak
         assert all(0 < h["train/mfu"] < 1 for h in logs)
 
 

@@ -72,7 +72,9 @@ def main(argv=None) -> dict:
         for window in train_loop.accumulation_windows(train_loader, args.gradient_accumulation_steps):
             # Step on the mean loss over the window's samples on all processes, as if one big batch: sum per-sample
             # losses / the window's real sample count (a short last window has fewer) x processes (DDP averages).
-            samples = torch.tensor(sum(len(batch["labels"]) for batch in window), device=accelerator.device)
+            # Real: a process left without a row of the last global batch gets a filler row labelled
+            # data.IGNORED_LABEL, which cross_entropy ignores and the count must too.
+            samples = sum(data.real_rows(batch["labels"]).sum() for batch in window)
             scale = accelerator.num_processes / accelerator.reduce(samples, reduction="sum").item()
             for i, batch in enumerate(window):
                 # no_sync: processes all-reduce gradients once per window, on its last micro-batch only.

@@ -409,8 +409,12 @@ def classify(command: Command) -> tuple[str, str]:
     text = command.text
     if script in {"pip", "make"} and (not args or args[0] in {"install", "gpu-kit", "setup"}):
         return "skip", "installs from PyPI (needs the network)"
-    if "--config_file" in text or "--load_in_4bit" in text or "deepspeed" in text:
-        return "skip", "needs CUDA (and DeepSpeed for its configs)"
+    if "two_nodes" in text:
+        return "skip", "needs two GPU machines"
+    if "deepspeed" in text:
+        return "skip", "needs CUDA and DeepSpeed"
+    if "--config_file" in text or "--load_in_4bit" in text:
+        return "skip", "needs CUDA"
     if script.endswith("gpu_check.sh") and "--dry-run" not in args:
         return "skip", "needs CUDA and the kit (docs/gpu.md)"
     values = dict(zip(args, args[1:]))

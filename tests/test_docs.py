@@ -456,6 +456,17 @@ def write_inputs(folder: Path) -> None:
     (folder / "texts.txt").write_text("a gripping film\nsuperb and fun\ndull plot\n")
 
 
+@contextlib.contextmanager
+def chdir(folder: Path):
+    """contextlib.chdir, which Python 3.10 lacks."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 TINY_BUDGET = ["--max_steps", "2", "--max_train_samples", "64", "--max_eval_samples", "32"]
 
 
@@ -477,7 +488,7 @@ def workspace(tmp_path_factory):
     AutoModel.from_config(config).save_pretrained(model)
     make_tokenizer().save_pretrained(model)
     os.symlink(REPO / "configs", folder / "configs")
-    with contextlib.chdir(folder):  # on a small CSV: what matters to the commands is a run in outputs/run
+    with chdir(folder):  # on a small CSV: what matters to the commands is a run in outputs/run
         assert train_loop.main(["--model", model, "--dataset", "other.csv", "--eval_size", "20", "--output_dir",
                                 "outputs/run", *TINY_BUDGET]) == 0
     return folder, model
@@ -515,7 +526,7 @@ def run_in_process(script: str, args: list[str], folder: Path) -> tuple[int, str
         module = "bench_speed"
     main = importlib.import_module(module).main
     err = io.StringIO()
-    with contextlib.chdir(folder), contextlib.redirect_stderr(err):
+    with chdir(folder), contextlib.redirect_stderr(err):
         try:
             code = main(args)
         except SystemExit as exit_:

@@ -71,9 +71,10 @@ def main(argv=None) -> dict:
         model.train()  # dropout on (evaluation switched it off)
         train_loader.set_epoch(epoch)  # a fresh shuffle, the same on every process
         for window in train_loop.accumulation_windows(train_loader, args.gradient_accumulation_steps):
-            # Step on the mean loss over the window's samples on all processes, as if one big batch: sum per-sample
-            # losses / the window's real sample count (a short last window has fewer) x processes (DDP averages).
-            samples = torch.tensor(sum(len(batch["labels"]) for batch in window), device=accelerator.device)
+            # Step on the mean loss over the window's real samples on all processes, as one big batch would: the sum
+            # of per-sample losses / their count (a short last window has fewer; filler rows labelled IGNORED_LABEL,
+            # which cross_entropy ignores, are not counted) x processes (DDP averages gradients over processes).
+            samples = sum(data.real_rows(batch["labels"]).sum() for batch in window)
             scale = accelerator.num_processes / accelerator.reduce(samples, reduction="sum").item()
             for i, batch in enumerate(window):
                 # no_sync: processes all-reduce gradients once per window, on its last micro-batch only.

@@ -3,7 +3,8 @@
 examples/minimal_loop.py (under 100 lines) and train_loop.py run the same job on a tiny BERT and CSV with
 the same settings and seed, dropout on, and must end with the same adapter. The settings pick the cases
 where loops go wrong: accumulation windows of 3 over 20 micro-batches (so each epoch ends with a short
-window of 2), two epochs (a new shuffle each), warmup, clipping and weight decay.
+window of 2), two epochs (a new shuffle each), warmup, clipping and weight decay. And again under two
+processes, where the last global batch has fewer rows than processes (a filler row that counts for nothing).
 """
 
 import json
@@ -78,3 +79,49 @@ def test_the_comparison_sees_a_changed_setting(runs, change):
     out = f"small_{change[0][2:]}"
     minimal_loop.main(minimal_flags(flags(out)) + list(change))  # argparse: the last value wins
     assert max_abs_diff(folder / "big", folder / out) > 1e-3
+
+
+# 97 train rows (137 - 40 eval) at 2 processes x batch 8: six global batches of 16 and a last one of a
+# single row, fewer rows than processes, so one process gets a filler row (data.IGNORED_LABEL) that
+# train_loop.train_step leaves out of the loss and the sample count. The minimal loop must do the same.
+TWO_PROCESS_ROWS = 137
+DRIVER = """
+import sys
+sys.path[:0] = [{repo!r}, {examples!r}]
+import minimal_loop, train_loop
+minimal_loop.main({small!r})  # first: train_loop ends with accelerator.end_training(), which ends the group
+assert train_loop.main({big!r}) == 0
+"""
+
+
+def test_minimal_loop_equals_train_loop_under_two_processes_with_a_filler_row(tiny_model_dir, tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    assert (TWO_PROCESS_ROWS - 40) % 16 == 1  # --eval_size 40 (tiny_args): the last global batch holds one row
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    repo = Path(__file__).resolve().parent.parent
+    csv_path = str(write_csv(tmp_path / "reviews.csv", sentiment_rows(TWO_PROCESS_ROWS, seed=4)))
+    flags = tiny_args(tiny_model_dir("bert"), csv_path, tmp_path / "out", "--num_epochs", "2",
+                      "--gradient_accumulation_steps", "3", "--warmup_ratio", "0.2")
+    out = flags.index("--output_dir") + 1
+    small = minimal_flags(flags[:out] + [str(tmp_path / "small")] + flags[out + 1:])
+    big = flags[:out] + [str(tmp_path / "big")] + flags[out + 1:] + ["--eval_every", "1000000"]
+    if "fast_dropout" in train_loop.TrainConfig.__dataclass_fields__:
+        big.append("--no-fast_dropout")
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(repo=str(repo), examples=str(repo / "examples"), small=small, big=big))
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    result = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", port,
+                             str(driver)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "big" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2
+    assert metrics["optimizer_steps"] == 2 * 3  # 7 micro-batches per process per epoch: windows of 3, 3, 1
+    diff = max_abs_diff(tmp_path / "big", tmp_path / "small")
+    print(f"two processes: max abs difference between the two adapters: {diff:.3g}")
+    assert diff <= 1e-6

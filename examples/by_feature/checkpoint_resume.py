@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: d
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import lora_setup  # noqa: E402
+import settings  # noqa: E402
 import train_loop  # noqa: E402
 
 FLAGS = ["model", "dataset", "output_dir", "eval_size", "max_length", "seed", "lora_r", "lora_alpha", "lora_dropout",
@@ -38,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     fields = train_loop.TrainConfig.__dataclass_fields__
     for name in FLAGS:  # train_loop.py's flags: the same names, types, defaults and help
-        kind, _ = train_loop._field_type(name)  # Optional[float] -> float
+        kind, _ = settings._field_type(name)  # Optional[float] -> float
         parser.add_argument(f"--{name}", type=kind, default=fields[name].default, help=fields[name].metadata["help"])
     return parser.parse_args(argv)
 

@@ -101,7 +101,6 @@ class Run:
     multi_label: bool = False  # several labels per text (decided by the data): sigmoid + BCE, thresholds
     metric_for_best: str = "accuracy"  # --metric_for_best as it applies to this data (see metric_for_best())
     checkpoints_written: list = dataclasses.field(default_factory=list)  # (folder, files) this process wrote
-
     checkpoint_dir = property(lambda self: self.output.path / CHECKPOINTS)
     best_dir = property(lambda self: self.output.path / "best_adapter")
 

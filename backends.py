@@ -40,10 +40,14 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         dynamo_backend=DynamoBackend.INDUCTOR if cfg.compile else DynamoBackend.NO)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         check_deepspeed_settings(cfg, accelerator)
+    return accelerator
+
+
+def start_trackers(accelerator: Accelerator, cfg: TrainConfig) -> None:
+    """The experiment trackers of --report_to; they write into the output dir, so only once it is claimed."""
     if cfg.report_to:
         accelerator.init_trackers("lora-text-classification", config={
             k: v for k, v in dataclasses.asdict(cfg).items() if v is not None and not isinstance(v, list)})
-    return accelerator
 
 
 def check_deepspeed_settings(cfg: TrainConfig, accelerator: Accelerator) -> None:

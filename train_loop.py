@@ -73,7 +73,6 @@ def load_data(cfg: TrainConfig) -> data.LabelledSplits:
 
 
 build_model = lora_setup.build_model  # pretrained model + new head + LoRA, as the settings ask
-quiet_libraries = data.quiet_libraries  # shared with eval.py: no library noise on any entry point
 CHECKPOINTS = "checkpoints"  # the output dir's folder of checkpoints (setup looks there before Run exists)
 
 
@@ -109,7 +108,7 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True, splits: data.Labelled
     """Accelerator, data, model + LoRA, optimizer and schedule, in that order. Everything that can be
     refused is checked before the output dir is touched. The bench passes ``claim_output_dir=False``
     (write nothing) and the ``splits`` it loaded once for all its runs."""
-    quiet_libraries()
+    data.quiet_libraries()  # no library noise on any entry point
     accelerator = build_accelerator(cfg)
     set_seed(cfg.seed)  # the head's initial weights, the dropout masks
     output = run_dir.RunDir(cfg.output_dir)
@@ -158,6 +157,7 @@ def setup(cfg: TrainConfig, claim_output_dir: bool = True, splits: data.Labelled
     # Data, model and checkpoint are valid: only now claim the output dir, so a failed start leaves nothing.
     if claim_output_dir:
         output.claim_on_main(accelerator, {**dataclasses.asdict(cfg), "inputs": inputs})
+        backends.start_trackers(accelerator, cfg)
 
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, fused=on_gpu)
     if accelerator.distributed_type == DistributedType.FSDP:

@@ -724,7 +724,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train_loop.quiet_libraries()
+    data.quiet_libraries()
     try:
         bench_args, cfg = parse_args(argv)
     except train_loop.ConfigError as err:

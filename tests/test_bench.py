@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import data
 import lora_setup
 import train_loop
 from bench import bench_speed

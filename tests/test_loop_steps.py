@@ -120,6 +120,7 @@ class TwoIdenticalProcesses:
     the one-batch mean gradient."""
 
     num_processes = 2
+    optimizer_step_was_skipped = False
 
     def __init__(self):
         self.real = Accelerator(cpu=True)

@@ -46,8 +46,8 @@ def handed_over(monkeypatch) -> list[dict]:
 def test_checkpoint_and_adapter_saves_gather_only_the_trainable_tensors(prepared, tmp_path, monkeypatch):
     accelerator, model, optimizer, scheduler, tokenizer, trainable = prepared
     seen = handed_over(monkeypatch)
-    checkpoint = checkpointing.save_checkpoint(accelerator, model, optimizer, scheduler, checkpointing.TrainState(),
-                                               tmp_path / "checkpoints", keep=2)
+    checkpoint, _ = checkpointing.save_checkpoint(accelerator, model, optimizer, scheduler, checkpointing.TrainState(),
+                                                  tmp_path / "checkpoints")
     checkpointing.save_adapter(accelerator, model, tokenizer, tmp_path / "best")  # what BestAdapter.update calls
     assert len(seen) == 2
     total = sum(p.numel() for p in model.parameters())

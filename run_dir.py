@@ -142,6 +142,7 @@ class RunDir:
         learns whether that worked, so a refusal stops them all (one waiting forever would hang the job)."""
         from accelerate.utils import broadcast_object_list
 
+        accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes to it
         refusal = None
         if accelerator.is_main_process:
             try:

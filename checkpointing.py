@@ -140,7 +140,9 @@ def _gather_deepspeed(accelerator, trainable: list) -> dict | None:
 
 def adapter_weights(accelerator, model, state: dict) -> dict:
     """The adapter + head part of a state dict, under PEFT's saved key names, on the CPU."""
-    adapter = get_peft_model_state_dict(peft_model(accelerator, model), state_dict=state)
+    # save_embedding_layers=False: LoRA never touches the embeddings here, and PEFT's default ("auto") asks
+    # the Hub whether the base model's vocabulary changed -- a network lookup (or a warning offline) per save.
+    adapter = get_peft_model_state_dict(peft_model(accelerator, model), state_dict=state, save_embedding_layers=False)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter.items()}
 
 

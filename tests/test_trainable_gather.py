@@ -61,3 +61,20 @@ def test_checkpoint_and_adapter_saves_gather_only_the_trainable_tensors(prepared
         saved = load_file(folder / "adapter_model.safetensors")
         assert saved.keys() == expected.keys()
         assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+def test_saves_never_ask_the_hub_about_the_base_models_vocabulary(prepared, tmp_path, monkeypatch):
+    """PEFT's default (``save_embedding_layers="auto"``) looks the base model's config up on the Hub at every
+    save when the base is named by a Hub id, as the embedded default is: a network request per checkpoint
+    online, a warning per checkpoint offline. LoRA never adapts the embeddings here, so no save asks."""
+    import peft.utils.save_and_load as peft_saving
+
+    accelerator, model, optimizer, scheduler, tokenizer, _ = prepared
+    peft = checkpointing.peft_model(accelerator, model)
+    peft.peft_config[peft.active_adapter].base_model_name_or_path = "sentence-transformers/all-MiniLM-L6-v2"
+    asked = []
+    monkeypatch.setattr(peft_saving, "check_file_exists_on_hf_hub", lambda *args, **kwargs: asked.append(args))
+    checkpointing.save_checkpoint(accelerator, model, optimizer, scheduler, checkpointing.TrainState(),
+                                  tmp_path / "checkpoints")
+    checkpointing.save_adapter(accelerator, model, tokenizer, tmp_path / "adapter")
+    assert asked == []

@@ -158,6 +158,10 @@ def save_adapter(accelerator, model, tokenizer, folder: Path) -> None:
 def load_adapter_weights(accelerator, model, weights: dict) -> None:
     """Put saved adapter + head weights (PEFT's saved key names) back into the prepared ``model``."""
     unwrapped = peft_model(accelerator, model)
+    # With --lora_bias all, PEFT's saved files also hold the head's bias a second time under its wrapper's
+    # inner name (``classifier.modules_to_save.bias``) and the unused original head's bias: copies of a
+    # wrapper's insides that no model key matches. The trained head itself is saved as ``classifier.*``.
+    weights = {k: v for k, v in weights.items() if ".modules_to_save." not in k and ".original_module." not in k}
     if accelerator.distributed_type == DistributedType.FSDP:
         # Sharded parameters take a full state dict through torch's distributed-checkpoint helpers, keyed
         # by the model's own parameter names: PEFT saves 'lora_A.weight' for 'lora_A.default.weight'.

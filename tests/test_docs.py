@@ -500,7 +500,7 @@ def tiny(command: Command, folder: Path, model: str) -> list[str]:
     script, args = program(command.argv)
     names = set(args)
     extra = [] if "--model" in names else ["--model", model]
-    if script.endswith("train_loop.py") or script.endswith("bench_speed.py"):
+    if script.endswith(("train_loop.py", "bench_speed.py", "accuracy_sweep.py")):
         extra += [x for flag, value in zip(TINY_BUDGET[::2], TINY_BUDGET[1::2]) if flag not in names
                   for x in (flag, value)]
         if script.endswith("train_loop.py"):
@@ -509,8 +509,10 @@ def tiny(command: Command, folder: Path, model: str) -> list[str]:
                 extra += ["--output_dir", f"outputs/cmd_{abs(hash(command.where))}"]
             if "--num_epochs" in names:
                 extra += ["--num_epochs", "1"]
-        else:  # the bench: our loop's arm only, once (the Trainer arms and repeats cost minutes each)
+        elif script.endswith("bench_speed.py"):  # our loop's arm only, once (the Trainer arms cost minutes each)
             extra += ["--output", f"bench_{abs(hash(command.where))}.md", "--arms", "a", "--repeats", "1"]
+        elif "--list" in names:  # the sweep's list of variants takes no run settings
+            extra = []
     elif "examples" in script and script.endswith("loop.py") or "by_feature" in script:
         extra += ["--num_epochs", "1"]
     if "--help" in names or script.endswith(("eval.py", "multilabel_rotten_tomatoes.py")) or script == "make":

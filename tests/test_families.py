@@ -209,6 +209,22 @@ def test_rslora_scales_by_alpha_over_sqrt_r_and_reloads(family, tiny_model_dir, 
     assert reloaded.peft_config["default"].use_rslora
 
 
+def test_training_every_bias_too_finishes_reloads_and_resumes(tiny_model_dir, tiny_csv, tmp_path):
+    """``--lora_bias all``: PEFT saves the head's bias twice (once under its wrapper's inner name) and the
+    frozen original head's bias; the loop's own reloads (the best adapter at the end, a checkpoint on resume)
+    must take such a file as plain PEFT does, and the saved adapter must predict what the run reported."""
+    from conftest import reloaded_confusion_matrix, tiny_args
+
+    flags = tiny_args(tiny_model_dir("bert"), tiny_csv, tmp_path / "run", "--lora_bias", "all", "--num_epochs", "2")
+    assert train_loop.main(flags) == 0
+    reported = json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]["confusion_matrix"]
+    assert reloaded_confusion_matrix(flags, tmp_path / "run") == reported
+    resumed = tiny_args(tiny_model_dir("bert"), tiny_csv, tmp_path / "resumed", "--lora_bias", "all", "--num_epochs", "2",
+                        "--resume_from_checkpoint", str(sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[0]))
+    assert train_loop.main(resumed) == 0
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["final"]["confusion_matrix"] == reported
+
+
 # --- QLoRA ------------------------------------------------------------------------------------
 
 

@@ -326,7 +326,8 @@ def check_against_data(cfg: TrainConfig, splits: data.LabelledSplits) -> None:
 
 # --eval_every's default: evaluations per epoch, enough for a curve. On the default job one evaluation of the
 # 1,000 held-out reviews costs as much as 10 to 17 training steps (median 13), so 3 per epoch (6 in all, 4
-# more than at the 2 epoch ends) add about 50 steps' worth to its 472; 4 per epoch would add about 15 %.
+# more than at the 2 epoch ends) add about 50 steps' worth to its 472: `time make train` took 5 min 29 s,
+# against 4 min 52 s with --eval_every 0 (epoch ends only) on the same idle 2-core machine (+13 %).
 EVALS_PER_EPOCH = 3
 
 

@@ -150,6 +150,10 @@ def table(records: list[dict], seeds: list[int] | None = None) -> str:
     and the mean training seconds. The newest record of a (variant, seed) pair counts."""
     import statistics
 
+    def seconds(runs):  # a record read back from a run's log may lack its training time
+        timed = [r["train_seconds"] for r in runs if r.get("train_seconds") is not None]
+        return f"{statistics.mean(timed):.0f}" if timed else ""
+
     latest = {(r["variant"], r["seed"]): r for r in records}
     seeds = seeds or sorted({seed for _, seed in latest})
     lines = ["| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean (sd) | mean at last eval | train s |",
@@ -162,7 +166,7 @@ def table(records: list[dict], seeds: list[int] | None = None) -> str:
         cells = [f"{100 * r['accuracy_best']:.1f} ({100 * r['accuracy_last']:.1f})" if r else "" for r in runs]
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {statistics.mean(best):.1f}{spread} | "
                      f"{statistics.mean(100 * r['accuracy_last'] for r in done):.1f} | "
-                     f"{statistics.mean(r['train_seconds'] for r in done):.0f} |")
+                     f"{seconds(done)} |")
     return "\n".join(lines)
 
 

@@ -42,6 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import lora_setup
+import run_dir
 
 CHECKPOINT_PREFIX = "step_"
 INCOMPLETE_PREFIX = ".incomplete_"
@@ -440,12 +441,15 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path) -> Tra
 
 
 def move_aside(checkpoint_dir: Path, folders: list[Path]) -> list[Path]:
-    """Rename ``folders`` into ``checkpoints/abandoned/<time>/``; returns their new paths."""
+    """Rename ``folders`` into ``checkpoints/abandoned/<time>/``; returns their new paths. A name already
+    there (two moves within a second) gets a ``-2``, ``-3`` ... suffix: nothing is ever replaced."""
     target = checkpoint_dir / ABANDONED_DIR / time.strftime("%Y%m%d-%H%M%S")
     target.mkdir(parents=True, exist_ok=True)
+    moved = []
     for path in folders:
-        os.replace(path, target / path.name)
-    return [target / path.name for path in folders]
+        moved.append(run_dir.unused_path(target / path.name))
+        os.replace(path, moved[-1])
+    return moved
 
 
 def verify(path: Path) -> TrainState:

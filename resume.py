@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import time
 from pathlib import Path
 
 import checkpointing
@@ -151,11 +149,7 @@ def restore_best(checkpoint: Path, best_dir: Path, checkpoint_dir: Path) -> None
     """The best adapter of the resumed line is the checkpoint's copy: whatever ``best_dir`` holds now (the
     later part of this line, or an abandoned one) is moved aside beside the abandoned checkpoints."""
     if best_dir.exists():
-        folder = checkpoint_dir / checkpointing.ABANDONED_DIR / time.strftime("%Y%m%d-%H%M%S")
-        folder.mkdir(parents=True, exist_ok=True)
-        aside = next(folder / name for name in (best_dir.name, *(f"{best_dir.name}-{n}" for n in range(2, 10**6)))
-                     if not (folder / name).exists())  # two resumes within a second: never onto the first
-        os.replace(best_dir, aside)
+        checkpointing.move_aside(checkpoint_dir, [best_dir])
     if (checkpoint / checkpointing.BEST_SUBDIR).is_dir():
         shutil.copytree(checkpoint / checkpointing.BEST_SUBDIR, best_dir)
 

@@ -17,7 +17,7 @@ not because a check catches each way it could break:
     ends, so a crashed or killed run never leaves the folder locked.
 
 The only files a run ever removes are checkpoints it wrote itself, earlier in the same process
-(``--keep_checkpoints``, ``checkpointing.CheckpointWriter``): it knows them from memory, not from disk.
+(``--keep_checkpoints``, ``checkpointing.prune``): it knows them from memory, not from disk.
 
 Everything here except ``claim`` only reads, so the start-up check runs on every process before any
 model is loaded: a refusal costs nothing and stops every process the same way.
@@ -41,6 +41,12 @@ class OutputDirError(ValueError):
 
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
+
+
+def unused_path(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3`` ... whichever does not exist yet: a move never lands on what is there."""
+    return next(path.with_name(name) for name in (path.name, *(f"{path.name}-{n}" for n in range(2, 10**6)))
+                if not path.with_name(name).exists())
 
 
 def _resolved(name: str | None) -> Path | None:
@@ -115,11 +121,7 @@ class RunDir:
         self.check(**self._checked)
         if not (self._checked.get("overwrite") and self.is_run()):
             return None
-        aside = self.path.with_name(f"{self.path.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
-        for n in range(2, 1000):
-            if not aside.exists():
-                break
-            aside = aside.with_name(f"{self.path.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        aside = unused_path(self.path.with_name(f"{self.path.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}"))
         os.rename(self.path, aside)  # one rename: atomic, and undone by renaming it back
         previous_lock = self._lock  # still held: it moved with the folder
         self.path.mkdir()

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 import data
 import export_onnx
 import lora_setup
-import metric_names
 import reporting
 
 
@@ -204,10 +203,6 @@ def back_to_training(model) -> None:
     model.train()
     if hasattr(torch.distributed, "fsdp") and isinstance(model, getattr(torch.distributed.fsdp, "FSDPModule", ())):
         model.reshard()
-
-
-SCORE_METRICS, REPORT_METRICS, MULTI_LABEL_METRICS = (metric_names.SCORE_METRICS, metric_names.REPORT_METRICS,
-                                                    metric_names.MULTI_LABEL_METRICS)
 
 
 def is_multi_label(model) -> bool:

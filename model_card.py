@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lora_setup
+import metric_names
 import reporting
 
 CARD_FILE = "README.md"
@@ -211,7 +212,7 @@ def format_card(results: dict, name: str, cross_domain: dict | None = None) -> s
     known = KNOWN_DATASETS.get(cfg["dataset"])
     before, after = results["baseline"], results["final"]
     summary_metric = "f1_micro" if results.get("multi_label") else "accuracy"
-    metrics = reporting.MULTI_LABEL_METRICS if results.get("multi_label") else reporting.REPORT_METRICS
+    metrics = metric_names.MULTI_LABEL_METRICS if results.get("multi_label") else metric_names.REPORT_METRICS
     sections = [
         f"---\n{yaml.safe_dump(front_matter(results, name), sort_keys=False, allow_unicode=True)}---",
         f"# {name}",

@@ -4,13 +4,13 @@ the evaluations a default run makes (a curve, and the report saying when the bes
 import json
 
 import pytest
-import torch
 import yaml
 from conftest import sentiment_rows, tiny_args, write_csv
 from test_report import fake_results
 
 import eval as evaluation
 import lora_setup
+import metric_names
 import model_card
 import reporting
 import settings
@@ -85,7 +85,7 @@ def test_every_run_writes_a_card_whose_numbers_are_its_metrics(trained):
     hub = ModelCard.load(out / "README.md").data
     assert hub.library_name == "peft" and {r.metric_type: r.metric_value for r in hub.eval_results} == scores
     # the body: reporting's before/after and per-class tables of this run's metrics.json, its labels and time
-    assert reporting.before_after_table(results["baseline"], results["final"], evaluation.REPORT_METRICS) in body
+    assert reporting.before_after_table(results["baseline"], results["final"], metric_names.REPORT_METRICS) in body
     assert "\n".join(reporting.per_class_section(results)[1:2]) in body
     assert "0 = `0`, 1 = `1`" in body and reporting.duration(results["train_seconds"]) in body
     assert f"taken at step {results['best_step']} of {results['optimizer_steps']}" in body

@@ -35,6 +35,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -162,26 +163,26 @@ def strip_wheel(wheel: Path, target: Path, keep_library) -> None:
             out.writestr(info, content)
 
 
-def remove_previous_kit(out: Path) -> None:
-    """Delete a kit this builder made before, file by file as its MANIFEST.json lists them; refuse any folder
-    holding something else (a mistyped --out must never cost anyone their files)."""
+def move_previous_kit(out: Path) -> Path | None:
+    """Move a kit this builder made before aside, whole, to ``OUT.previous-YYYYmmdd-HHMMSS`` (nothing is
+    deleted; undo by renaming it back); returns where it went. A folder that holds no MANIFEST.json is
+    not a kit: it is refused and left as it is (a mistyped --out must never cost anyone their files)."""
     if not out.exists():
-        return
-    listed = set(json.loads((out / "MANIFEST.json").read_text()).get("files", {})) if (out / "MANIFEST.json").is_file() else None
-    present = {str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir()} - {"MANIFEST.json"}
-    if listed is None or present - listed:
-        foreign = sorted(present - (listed or set()))[:5]
-        sys.exit(f"error: '{out}' is not a kit this builder made (it holds {foreign or 'no MANIFEST.json'}); "
-                 "nothing was deleted: pass another --out")
-    for name in sorted(present) + ["MANIFEST.json"]:
-        (out / name).unlink()
-    for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        folder.rmdir()
-    out.rmdir()
+        return None
+    if not (out / "MANIFEST.json").is_file():
+        sys.exit(f"error: '{out}' is not a kit this builder made (no MANIFEST.json); nothing was moved: pass "
+                 "another --out")
+    sys.path.insert(0, str(ROOT))
+    import run_dir
+
+    aside = run_dir.unused_path(out.with_name(f"{out.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}"))
+    os.rename(out, aside)
+    print(f"moved the previous kit to '{aside}' (nothing deleted)")
+    return aside
 
 
 def build(out: Path, cache: Path, imdb_rows: int, wheels: bool, limit_mib: float) -> dict:
-    remove_previous_kit(out)
+    move_previous_kit(out)
     site = out / "site"
     manifest = {**build_model(site), **build_data(site, imdb_rows), "wheels": []}
     if wheels:

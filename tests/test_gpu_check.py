@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -225,27 +226,29 @@ def snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_rebuilding_the_kit_deletes_only_a_kit_the_builder_made(tmp_path):
-    """`gpu_kit.py build --out DIR` clears DIR first: only when DIR is a previous kit, file by file as its
-    MANIFEST.json lists them. A mistyped --out (a folder of the user's) is refused, nothing deleted."""
+def test_rebuilding_the_kit_deletes_nothing_and_refuses_a_folder_that_is_no_kit(tmp_path):
+    """`gpu_kit.py build --out DIR` first moves a previous kit aside, whole, to DIR.previous-TIME: nothing of
+    it is deleted, files added by hand included. A mistyped --out (a folder of the user's) is refused and
+    left untouched."""
     mine = tmp_path / "thesis"
     (mine / "chapters").mkdir(parents=True)
     (mine / "chapters" / "one.tex").write_text("Once upon a time")
     before = snapshot(mine)
     with pytest.raises(SystemExit, match="not a kit this builder made"):
-        gpu_kit.remove_previous_kit(mine)
-    assert snapshot(mine) == before
+        gpu_kit.move_previous_kit(mine)
+    assert snapshot(mine) == before and sorted(p.name for p in tmp_path.iterdir()) == ["thesis"]
     kit = tmp_path / "kit"
     (kit / "site").mkdir(parents=True)
     (kit / "site" / "a.bin").write_bytes(b"kit")
     (kit / "MANIFEST.json").write_text(json.dumps({"files": {"site/a.bin": 3}}))
-    (kit / "site" / "notes.txt").write_text("added by hand")  # not in the manifest: refused
-    with pytest.raises(SystemExit, match="notes.txt"):
-        gpu_kit.remove_previous_kit(kit)
-    assert (kit / "site" / "notes.txt").exists() and (kit / "site" / "a.bin").exists()
-    (kit / "site" / "notes.txt").unlink()
-    gpu_kit.remove_previous_kit(kit)
-    assert not kit.exists()
+    (kit / "site" / "notes.txt").write_text("added by hand")
+    kept = snapshot(kit)
+    first = gpu_kit.move_previous_kit(kit)
+    assert not kit.exists() and first.name.startswith("kit.previous-") and snapshot(first) == kept
+    shutil.copytree(first, kit)  # rebuilt, and moved aside again within the same second: its own name
+    second = gpu_kit.move_previous_kit(kit)
+    assert second != first and snapshot(first) == kept and snapshot(second) == kept
+    assert gpu_kit.move_previous_kit(kit) is None  # nothing there: nothing to move
 
 
 def test_unpacking_leaves_the_kit_as_it_was(tmp_path):
